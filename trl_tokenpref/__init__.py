@@ -1,0 +1,1 @@
+"""Token-level preference optimisation trainers (TDPO, TGDPO, TBPO) for TRL."""
