@@ -1,1 +1,8 @@
-"""Token-level preference optimisation trainers (TDPO, TGDPO, TBPO) for TRL."""
+"""Token-level preference optimisation (TDPO, TGDPO, TBPO) as drop-in subclasses of TRL's `DPOTrainer`."""
+
+from .tdpo import TDPOConfig, TDPOTrainer
+
+
+__version__ = "0.1.0"
+
+__all__ = ["TDPOConfig", "TDPOTrainer"]

@@ -24,6 +24,7 @@ code returns NaN when a reference probability underflows to 0 (`0 * log 0`); her
 
 import functools
 import types
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -192,7 +193,10 @@ class _FusedTokenStats(torch.autograd.Function):
             else None
         )
 
-        with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
+        with (
+            torch.autocast(hidden.device.type, enabled=False),
+            maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias),
+        ):
             for start in range(0, num_tokens, chunk_size):
                 chunk = slice(start, start + chunk_size)
                 chunk_hidden = hidden[chunk].to(dtype)
@@ -261,9 +265,9 @@ def compute_token_stats(
     """
     mask = labels != -100
     if ref_hidden_states is not None and ref_lm_head is None:
-        ref_lm_head = lm_head._replace(
-            weight=lm_head.weight.detach(), bias=None if lm_head.bias is None else lm_head.bias.detach()
-        )
+        # The same parameters, not a detached copy (a detached ZeRO-3 shard would be empty): the autograd function
+        # never returns a gradient for its reference inputs.
+        ref_lm_head = lm_head
     weight = lm_head.weight
     # FSDP2 shards parameters as DTensors, while the backbone returns plain tensors: gather the head once
     if isinstance(weight, DTensor):
@@ -341,6 +345,7 @@ def naive_token_stats(
     return TokenStats(**stats)
 
 
+@dataclass
 class TokenStatsOutput(ModelOutput):
     """Output of a model patched with [`add_token_stats_head`] and called with `token_stats=True`.
 

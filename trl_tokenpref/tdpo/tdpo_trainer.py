@@ -1,0 +1,96 @@
+import textwrap
+
+from ..base import TokenLevelDPOTrainer
+from ..losses import sequence_sum, tdpo_loss
+from .tdpo_config import TDPOConfig
+
+
+class TDPOTrainer(TokenLevelDPOTrainer):
+    """
+    Trainer for Token-level Direct Preference Optimization (TDPO), Zeng et al., ICML 2024
+    ([paper](https://huggingface.co/papers/2404.11999)).
+
+    A drop-in replacement for [`~trl.DPOTrainer`]: same constructor, same dataset formats, same metrics, plus the
+    sequential KL `kl/chosen`, `kl/rejected`, `kl/margin`. The loss adds to DPO's margin the difference of the
+    summed per-token forward KL(π_ref ‖ πθ) of the two completions, computed exactly over the vocabulary, in chunks:
+    the `[tokens, vocab]` logits of neither model are materialised.
+
+    Args:
+        model (`str` or [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            Model to train, as in [`~trl.DPOTrainer`] (a path/identifier is loaded with `args.model_init_kwargs`).
+        ref_model ([`~transformers.PreTrainedModel`], *optional*):
+            Reference model. If `None`: with PEFT, the model with its adapter disabled; otherwise a fresh copy of the
+            initial model, loaded from its path.
+        args ([`TDPOConfig`], *optional*):
+            Configuration. Defaults to `TDPOConfig(f"{model_name}-TDPO")`.
+        data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
+        quantization_config, peft_config:
+            As in [`~trl.DPOTrainer`].
+
+    Example:
+
+    ```python
+    from datasets import load_dataset
+    from trl_tokenpref import TDPOConfig, TDPOTrainer
+
+    dataset = load_dataset("trl-lib/ultrafeedback_binarized", split="train")
+    trainer = TDPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", args=TDPOConfig(output_dir="Qwen2.5-0.5B-TDPO"),
+                          train_dataset=dataset)
+    trainer.train()
+    ```
+    """
+
+    _config_class = TDPOConfig
+    _tag_names = ["trl", "tdpo", "trl_tokenpref"]
+    _name = "TDPO"
+    _paper = {
+        "title": "Token-level Direct Preference Optimization",
+        "id": "2404.11999",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{zeng2024token,
+                title        = {{Token-level Direct Preference Optimization}},
+                author       = {Yongcheng Zeng and Guoqing Liu and Weiyu Ma and Ning Yang and Haifeng Zhang and Jun Wang},
+                year         = 2024,
+                booktitle    = {Forty-first International Conference on Machine Learning, {ICML} 2024},
+            }"""),
+    }
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        mask = inputs["completion_mask"][:, 1:].bool()  # aligned with the shifted labels
+
+        # One chunked pass over both LM heads gives, per completion token, log πθ(y_t), log π_ref(y_t) and
+        # κ_t = KL(π_ref(·|s_t) ‖ πθ(·|s_t)) (paper Def. 4.3)
+        ref_hidden_states = self._reference_hidden_states(inputs)
+        outputs = self._policy_forward(model, inputs, ref_hidden_states=ref_hidden_states)
+        stats = outputs.stats
+
+        # Sums over the completion: S^ρ (the DPO log-ratio) and S^κ = D_SeqKL (Eqs. 13-14)
+        logratios = sequence_sum(stats.log_probs - stats.ref_log_probs, mask)
+        sequential_kl = sequence_sum(stats.forward_kl, mask)
+        chosen_logratios, rejected_logratios = logratios.chunk(2, dim=0)  # the batch is [chosen; rejected]
+        chosen_kl, rejected_kl = sequential_kl.chunk(2, dim=0)
+
+        losses, chosen_rewards, rejected_rewards = tdpo_loss(
+            chosen_logratios,
+            rejected_logratios,
+            chosen_kl,
+            rejected_kl,
+            beta=self.beta,
+            alpha=self.args.alpha,
+            variant=self.args.variant,
+        )
+        loss = self._add_aux_loss(losses.mean(), outputs, mode)
+
+        self._log_dpo_metrics(mode, inputs, outputs, mask, chosen_logratios, rejected_logratios)
+        # Sequential KL of each completion (the official code's kl_{train,eval}/*; the paper plots |margin|)
+        self._log_pair_mean(mode, "kl/chosen", chosen_kl)
+        self._log_pair_mean(mode, "kl/rejected", rejected_kl)
+        self._log_pair_mean(mode, "kl/margin", chosen_kl - rejected_kl)
+        # The paper's reward Σ_t A(s_t, y_t) = β(S^ρ + S^κ) (App. A.4, Eq. 59), which the official code logs as
+        # `rewards/*`; here `rewards/*` keep DPOTrainer's meaning, so these have their own prefix
+        self._log_pair_mean(mode, "tdpo_rewards/chosen", chosen_rewards)
+        self._log_pair_mean(mode, "tdpo_rewards/rejected", rejected_rewards)
+        self._log_pair_mean(mode, "tdpo_rewards/margins", chosen_rewards - rejected_rewards)
+        return self._maybe_return_outputs(model, inputs, loss, return_outputs)
