@@ -47,27 +47,33 @@ class TokenLevelDPOConfig(DPOConfig):
     # Set by each method's config: whether the loss needs the reference's whole next-token distribution (a KL term)
     _needs_reference_distribution = False
     _method_name = "token-level DPO"
+    # DPO loss options (name: default) that change DPO's loss and have no token-level counterpart here
+    _unsupported_dpo_options = {
+        "f_divergence_type": "reverse_kl",
+        "ld_alpha": None,
+        "use_weighting": False,
+        "label_smoothing": 0.0,
+    }
+    # Set by a method whose own loss defines ε-label smoothing (TBPO: (1−ε)ℓ(log R) + εℓ(−log R), ALGORITHMS.md §3.5);
+    # such a config validates `label_smoothing` itself instead of refusing it
+    _supports_label_smoothing = False
 
     def __post_init__(self):
-        super().__post_init__()
+        # Our checks come before TrainingArguments' own, so that a wrong value of ours is the error the user sees
         if self.beta <= 0:
             raise ValueError(f"`beta` must be positive, got {self.beta}. The paper default is 0.1.")
         if self.token_chunk_size is not None and self.token_chunk_size < 1:
             raise ValueError(f"`token_chunk_size` must be a positive integer or None, got {self.token_chunk_size}.")
-        if list(self.loss_type) != ["sigmoid"]:
+        loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if loss_type != ["sigmoid"]:
             raise ValueError(
                 f"{self._method_name} defines its own loss, so `loss_type` must be left at its default ['sigmoid'], "
                 f"got {self.loss_type}. To train with another DPO loss type, use `trl.DPOTrainer`."
             )
         if self.loss_weights not in (None, [1.0]):
             raise ValueError(f"`loss_weights` is not supported by {self._method_name}; leave it unset.")
-        unsupported = {
-            "f_divergence_type": (self.f_divergence_type, "reverse_kl"),
-            "ld_alpha": (self.ld_alpha, None),
-            "use_weighting": (self.use_weighting, False),
-            "label_smoothing": (self.label_smoothing, 0.0),
-        }
-        for name, (value, default) in unsupported.items():
+        for name, default in self._unsupported_dpo_options.items():
+            value = getattr(self, name)
             if value != default:
                 raise ValueError(
                     f"`{name}={value!r}` is a DPO loss option that {self._method_name} does not implement. Leave it "
@@ -81,6 +87,7 @@ class TokenLevelDPOConfig(DPOConfig):
                 "the summed log-probability of each completion. Set `precompute_ref_log_probs=False`. To save "
                 "memory, use a PEFT adapter instead: the reference is then the same model with the adapter disabled."
             )
+        super().__post_init__()
 
 
 class TokenLevelDPOTrainer(DPOTrainer):

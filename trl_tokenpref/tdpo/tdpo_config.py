@@ -51,7 +51,6 @@ class TDPOConfig(TokenLevelDPOConfig):
     _method_name = "TDPO"
 
     def __post_init__(self):
-        super().__post_init__()
         if self.variant not in TDPO_VARIANTS:
             raise ValueError(f"`variant` must be one of {list(TDPO_VARIANTS)}, got {self.variant!r}.")
         if self.alpha < 0:
@@ -59,3 +58,4 @@ class TDPOConfig(TokenLevelDPOConfig):
                 f"`alpha` must be non-negative, got {self.alpha}. It weights the sequential-KL margin of TDPO2 "
                 "(the paper uses 0.5; 0 recovers DPO)."
             )
+        super().__post_init__()
