@@ -54,9 +54,6 @@ class TokenLevelDPOConfig(DPOConfig):
         "use_weighting": False,
         "label_smoothing": 0.0,
     }
-    # Set by a method whose own loss defines ε-label smoothing (TBPO: (1−ε)ℓ(log R) + εℓ(−log R), ALGORITHMS.md §3.5);
-    # such a config validates `label_smoothing` itself instead of refusing it
-    _supports_label_smoothing = False
 
     def __post_init__(self):
         # Our checks come before TrainingArguments' own, so that a wrong value of ours is the error the user sees
