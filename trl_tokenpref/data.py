@@ -284,3 +284,25 @@ def default_corpus() -> list[str]:
         for completion in (chosen, rejected):
             lines.append(render_chat(user + [{"role": "assistant", "content": completion}]))
     return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: writes the default dataset as `train.jsonl` and `test.jsonl` and prints their paths.
+
+    The training scripts take the written directory as `--dataset_name OUT_DIR` (see the `tiny` recipes).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m trl_tokenpref.data",
+        description="Write the embedded default preference dataset as JSON Lines (train.jsonl, test.jsonl).",
+    )
+    parser.add_argument("output_dir", help="Directory to write train.jsonl and test.jsonl into.")
+    parser.add_argument("--format", default="standard", choices=_FORMATS, help="TRL preference format of the rows.")
+    args = parser.parse_args(argv)
+    for split, path in write_default_dataset(args.output_dir, format=args.format).items():
+        print(f"{split}: {path}")
+
+
+if __name__ == "__main__":
+    main()

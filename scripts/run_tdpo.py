@@ -1,0 +1,114 @@
+# /// script
+# dependencies = [
+#     "trl-tokenpref",
+#     "trl>=1.16,<1.17",
+#     "peft",
+#     "trackio",
+# ]
+# ///
+
+"""
+Train with TDPO (Token-level Direct Preference Optimization, https://huggingface.co/papers/2404.11999).
+
+The same arguments as TRL's `trl/scripts/dpo.py` (every `TDPOConfig`/`DPOConfig`, `ModelConfig`, `ScriptArguments` and
+`DatasetMixtureConfig` field, on the command line or in a `--config recipe.yaml`), plus TDPO's `--variant` and
+`--alpha`. Recipes with memory-safe settings are in `recipes/tdpo/`, documented in `recipes/README.md`.
+
+# Full training
+```bash
+python scripts/run_tdpo.py \
+    --dataset_name trl-lib/ultrafeedback_binarized \
+    --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
+    --dtype bfloat16 \
+    --alpha 0.5 \
+    --learning_rate 5.0e-7 \
+    --num_train_epochs 1 \
+    --per_device_train_batch_size 2 \
+    --gradient_accumulation_steps 8 \
+    --eval_strategy steps \
+    --eval_steps 50 \
+    --output_dir Qwen2.5-0.5B-TDPO
+```
+
+# LoRA
+```bash
+python scripts/run_tdpo.py \
+    --dataset_name trl-lib/ultrafeedback_binarized \
+    --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
+    --dtype bfloat16 \
+    --learning_rate 5.0e-6 \
+    --per_device_train_batch_size 2 \
+    --gradient_accumulation_steps 8 \
+    --output_dir Qwen2.5-0.5B-TDPO-LoRA \
+    --use_peft \
+    --lora_r 32 \
+    --lora_alpha 16
+```
+
+# QLoRA (needs `pip install bitsandbytes`)
+```bash
+python scripts/run_tdpo.py --config recipes/tdpo/qlora_7b.yaml
+# which is: ... --use_peft --load_in_4bit --bnb_4bit_quant_type nf4 --use_bnb_nested_quant --dtype bfloat16
+```
+
+# Several GPUs (a TRL-shipped accelerate config: multi_gpu, zero1/2/3, fsdp1/2)
+```bash
+accelerate launch \
+    --config_file $(python -c "import trl, os; print(os.path.join(os.path.dirname(trl.__file__), 'accelerate_configs', 'zero3.yaml'))") \
+    scripts/run_tdpo.py --config recipes/tdpo/full_zero3.yaml
+```
+
+# On CPU, offline, against the embedded tiny model and dataset
+```bash
+python -m trl_tokenpref.tiny outputs/tiny-model && python -m trl_tokenpref.data outputs/tiny-data
+python scripts/run_tdpo.py --config recipes/tdpo/tiny.yaml
+```
+
+Resume an interrupted run with `--resume_from_checkpoint last` (the last `checkpoint-*` in `output_dir`) or
+`--resume_from_checkpoint PATH`. `--dataset_name` also takes a local `.json`/`.jsonl`/`.parquet` file or a directory of
+such files (e.g. `train.jsonl` + `test.jsonl`).
+"""
+
+import argparse
+
+
+def main(script_args, training_args, model_args, dataset_args):
+    from trl import get_peft_config, get_quantization_config
+
+    from trl_tokenpref import TDPOTrainer
+    from trl_tokenpref.cli import load_preference_dataset, set_model_init_kwargs, train_and_save
+
+    set_model_init_kwargs(training_args, model_args)
+    dataset = load_preference_dataset(script_args, dataset_args)
+
+    # Initialize the TDPO trainer (the model is loaded from its path with `training_args.model_init_kwargs`)
+    trainer = TDPOTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+
+    # Train (resuming if asked), save, and push to the Hub if `push_to_hub` is set
+    train_and_save(trainer, script_args, training_args)
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from trl_tokenpref import TDPOConfig
+
+    dataclass_types = (ScriptArguments, TDPOConfig, ModelConfig, DatasetMixtureConfig)
+    if subparsers is not None:
+        parser = subparsers.add_parser("tdpo", help="Run the TDPO training script", dataclass_types=dataclass_types)
+    else:
+        parser = TrlParser(dataclass_types, prog=prog)
+    return parser
+
+
+if __name__ == "__main__":
+    parser = make_parser()
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(fail_with_unknown_args=False)
+    main(script_args, training_args, model_args, dataset_args)
