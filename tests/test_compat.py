@@ -10,12 +10,15 @@ from trl_tokenpref import _compat
 
 
 def test_public_api_imports():
-    from trl_tokenpref import TDPOConfig, TDPOTrainer
+    from trl_tokenpref import TBPOConfig, TBPOTrainer, TDPOConfig, TDPOTrainer, TGDPOConfig, TGDPOTrainer
 
-    assert {"TDPOConfig", "TDPOTrainer"} <= set(trl_tokenpref.__all__)
+    assert {"TDPOConfig", "TDPOTrainer", "TGDPOConfig", "TGDPOTrainer", "TBPOConfig", "TBPOTrainer"} <= set(
+        trl_tokenpref.__all__
+    )
     import trl
 
-    assert issubclass(TDPOTrainer, trl.DPOTrainer) and issubclass(TDPOConfig, trl.DPOConfig)
+    for trainer, config in [(TDPOTrainer, TDPOConfig), (TGDPOTrainer, TGDPOConfig), (TBPOTrainer, TBPOConfig)]:
+        assert issubclass(trainer, trl.DPOTrainer) and issubclass(config, trl.DPOConfig)
 
 
 def test_supported_trl_version():
@@ -78,3 +81,14 @@ def test_dpo_trainer_hooks_we_rely_on():
         assert attribute in source, attribute
     assert "num_items_in_batch" in inspect.signature(trl.DPOTrainer.compute_loss).parameters
     assert callable(trl.DPOTrainer._set_signature_columns_if_needed)
+
+
+def test_model_loading_and_preparation_helpers():
+    """TGDPO loads, freezes, hashes and prepares its guidance model with DPOTrainer's own helpers."""
+    assert list(inspect.signature(_compat.create_model_from_path).parameters)[0] == "model_id"
+    assert list(inspect.signature(_compat.prepare_deepspeed).parameters)[:2] == ["model", "accelerator"]
+    assert list(inspect.signature(_compat.prepare_fsdp).parameters)[:2] == ["model", "accelerator"]
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    _compat.disable_dropout_in_model(module)
+    assert module[1].p == 0
+    assert _compat.hash_module(module) == _compat.hash_module(module)

@@ -22,6 +22,9 @@ if not (Version("1.16.0") <= TRL_VERSION < Version("1.17.0")):
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # noqa: E402
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: E402
 
+# TGDPO's guidance model is wrapped as DPOTrainer wraps its reference (frozen, evaluation mode) under DeepSpeed / FSDP.
+from trl.models import prepare_deepspeed, prepare_fsdp  # noqa: E402
+
 # Reference pass without gradient checkpointing (avoids a PyTorch warning under reentrant checkpointing).
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
@@ -30,7 +33,15 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
 
 # `maybe_gather_lm_head_ctx`: ZeRO-3 all-gather of the LM head while its weight is read directly.
 # `use_adapter`: reference pass under PEFT, with the adapter disabled (or the frozen "ref" adapter active).
-from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter  # noqa: E402
+# `create_model_from_path`, `disable_dropout_in_model`, `hash_module` (TGDPO): the guidance model is loaded, frozen and
+# hashed (the cache key of precomputed per-token columns) exactly as DPOTrainer does for its reference model.
+from trl.trainer.utils import (  # noqa: E402
+    create_model_from_path,
+    disable_dropout_in_model,
+    hash_module,
+    maybe_gather_lm_head_ctx,
+    use_adapter,
+)
 
 
 __all__ = [
@@ -38,7 +49,12 @@ __all__ = [
     "ChunkedDivergenceFunction",
     "ChunkedLogProbFunction",
     "DataCollatorForPreference",
+    "create_model_from_path",
+    "disable_dropout_in_model",
     "disable_gradient_checkpointing",
+    "hash_module",
     "maybe_gather_lm_head_ctx",
+    "prepare_deepspeed",
+    "prepare_fsdp",
     "use_adapter",
 ]

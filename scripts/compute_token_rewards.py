@@ -1,0 +1,306 @@
+# /// script
+# dependencies = [
+#     "trl-tokenpref",
+#     "trl>=1.16,<1.17",
+# ]
+# ///
+
+"""
+Precompute TGDPO's token rewards, so that training needs no guidance model in memory.
+
+For every completion token y_t of every pair, it writes the token reward of TGDPO (https://huggingface.co/papers/2506.14574)
+
+    r̂_t = β · (log π_guide(y_t | s_t) − log π_ref(y_t | s_t))
+
+into two new columns, `chosen_token_rewards` and `rejected_token_rewards`: one float32 per token of the completion as
+the trainer tokenizes it (the same tokenizer, chat template and EOS handling: the script runs the trainer's own
+tokenization and forward passes, `TGDPOTrainer` with `precompute_ref_log_probs=True`). Every other column is kept.
+
+* **β is baked in.** The values are r̂ at `--beta`; train with the same `beta` (the trainer cannot check it: a file
+  computed at β_s and trained at β acts as `alpha · β_s / β`). The β-free log-ratio is `r̂ / β`.
+* **Truncation.** Values are computed on the sequences the trainer builds with `--max_length` and
+  `--truncation_mode`; a token that truncation removes has no value (`null`). The trainer checks, before training,
+  that every value it reads is present and finite, so a file computed with a shorter `max_length` than training is
+  refused with the row named. With `truncation_mode="keep_start"` (the default), `--max_length 0` computes every token
+  and the file then suits any training `max_length`. Rows whose prompt alone fills `max_length` (which the trainer
+  drops) get `null` lists.
+* **The reference** must be the one training regularises toward (the policy's initial weights, as in the official
+  code), and the guidance model must share its tokenizer (usually a DPO model trained from that reference).
+
+A summary (β, models, truncation, the number of rows and tokens, statistics of r̂) is written to
+`token_rewards_info.json` next to the data.
+
+# Local files or a Hub dataset, all splits, saved with `save_to_disk`
+```bash
+python scripts/compute_token_rewards.py \
+    --guidance_model my-org/Qwen2.5-0.5B-Instruct-DPO \
+    --ref_model Qwen/Qwen2.5-0.5B-Instruct \
+    --dataset_name trl-lib/ultrafeedback_binarized \
+    --output_dir data/ultrafeedback-token-rewards \
+    --beta 0.1 --max_length 1024 --dtype bfloat16
+```
+
+# Then train with it (no guidance model in memory; with precomputed reference log-probs a step costs a DPO step)
+```python
+from datasets import load_from_disk
+from trl_tokenpref import TGDPOConfig, TGDPOTrainer
+
+dataset = load_from_disk("data/ultrafeedback-token-rewards")
+args = TGDPOConfig(output_dir="Qwen2.5-0.5B-TGDPO", beta=0.1, max_length=1024, precompute_ref_log_probs=True)
+trainer = TGDPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", args=args, train_dataset=dataset["train"])
+trainer.train()
+```
+
+# On CPU, offline, with the embedded tiny model and dataset
+```bash
+python -m trl_tokenpref.tiny outputs/tiny-model && python -m trl_tokenpref.data outputs/tiny-data
+python scripts/compute_token_rewards.py --guidance_model outputs/tiny-model --ref_model outputs/tiny-model \
+    --dataset_name outputs/tiny-data --output_dir outputs/tiny-data-token-rewards --output_format jsonl
+```
+"""
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+
+OUTPUT_FORMATS = ("disk", "jsonl", "parquet")
+INFO_FILE = "token_rewards_info.json"
+_ROW = "__compute_token_rewards_row__"
+
+
+def _max_length(value: str) -> int | None:
+    if value.lower() in ("0", "none"):
+        return None
+    length = int(value)
+    if length < 0:
+        raise argparse.ArgumentTypeError(f"--max_length must be a positive integer, 0 or 'none', got {value}.")
+    return length
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="compute_token_rewards.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    models = parser.add_argument_group("models")
+    models.add_argument("--guidance_model", required=True, help="Path or Hub id of the guidance model π_guide.")
+    models.add_argument("--ref_model", required=True, help="Path or Hub id of the reference model π_ref.")
+    models.add_argument("--tokenizer", default=None, help="Tokenizer path or id (defaults to --ref_model).")
+    models.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="dtype to load both models in (no autocast is applied on top).",
+    )
+    models.add_argument("--trust_remote_code", action="store_true")
+
+    data = parser.add_argument_group("data")
+    source = data.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset_name", help="Hub dataset name, or a local file/directory (as --dataset_path).")
+    source.add_argument(
+        "--dataset_path",
+        help="Local .json/.jsonl/.parquet/.csv file, a directory of such files, or a `save_to_disk` directory.",
+    )
+    data.add_argument("--dataset_config", default=None, help="Hub dataset configuration name.")
+    data.add_argument(
+        "--dataset_splits", nargs="+", default=None, help="Splits to process (default: all; a single file is 'train')."
+    )
+    data.add_argument("--dataset_num_proc", type=int, default=None, help="Processes for tokenization.")
+
+    compute = parser.add_argument_group("computation (use the training values)")
+    compute.add_argument("--beta", type=float, default=0.1, help="TGDPO's β: the values stored are r̂ = β·Δ.")
+    compute.add_argument(
+        "--max_length",
+        type=_max_length,
+        default=1024,
+        help="Truncation length of prompt+completion, as in training; 0 or 'none' disables truncation.",
+    )
+    compute.add_argument("--truncation_mode", default="keep_start", choices=["keep_start", "keep_end"])
+    compute.add_argument("--batch_size", type=int, default=8, help="Pairs per forward pass.")
+    compute.add_argument(
+        "--token_chunk_size", type=int, default=None, help="Tokens per LM-head tile (see TGDPOConfig)."
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", required=True, help="Directory to write the dataset and its info file into.")
+    output.add_argument(
+        "--output_format",
+        default="disk",
+        choices=OUTPUT_FORMATS,
+        help="'disk': `DatasetDict.save_to_disk` (load with `load_from_disk`); 'jsonl'/'parquet': one file per split.",
+    )
+    return parser.parse_args(argv)
+
+
+def _token_reward_stats(dataset) -> dict:
+    """Number of scored tokens and statistics of r̂ per side: to pick `alpha` and, if needed, a weight clamp."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from trl_tokenpref.tgdpo.tgdpo_trainer import TOKEN_REWARD_COLUMNS
+
+    table = dataset.select_columns(list(TOKEN_REWARD_COLUMNS)).with_format("arrow")[:]
+    stats = {}
+    for column in TOKEN_REWARD_COLUMNS:
+        values = pc.list_flatten(table[column]).drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
+        stats[column] = {
+            "tokens": int(values.size),
+            "mean": float(values.mean()) if values.size else None,
+            "std": float(values.std()) if values.size else None,
+            "max_abs": float(np.abs(values).max()) if values.size else None,
+        }
+    return stats
+
+
+def compute_token_rewards(args: argparse.Namespace):
+    """Compute the columns for every requested split; returns the `DatasetDict` with the new columns and the info."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import DatasetDict, List, Value
+    from transformers import AutoTokenizer
+
+    from trl_tokenpref import TGDPOConfig, TGDPOTrainer
+    from trl_tokenpref.cli import load_preference_dataset
+    from trl_tokenpref.tgdpo.tgdpo_trainer import PER_TOKEN_COLUMNS, TOKEN_REWARD_COLUMNS
+
+    dataset_name = args.dataset_name or args.dataset_path
+    script_args = SimpleNamespace(
+        dataset_name=dataset_name,
+        dataset_config=args.dataset_config,
+        dataset_streaming=False,
+        dataset_train_split="train",
+    )
+    dataset = load_preference_dataset(script_args, SimpleNamespace(datasets=[]))
+    splits = args.dataset_splits or list(dataset.keys())
+    missing = [split for split in splits if split not in dataset]
+    if missing:
+        raise ValueError(f"Split(s) {missing} not found in {dataset_name}; available: {list(dataset.keys())}.")
+
+    # Old per-token columns (e.g. a previous run's output) are recomputed, and the row index maps the trainer's
+    # tokenized rows (it drops the rows whose prompt alone fills `max_length`) back to the input rows
+    inputs = {}
+    for split in splits:
+        split_dataset = dataset[split]
+        stale = [column for column in PER_TOKEN_COLUMNS if column in split_dataset.column_names]
+        inputs[split] = split_dataset.remove_columns(stale).add_column(_ROW, np.arange(len(split_dataset)))
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.tokenizer or args.ref_model, trust_remote_code=args.trust_remote_code
+    )
+    init_kwargs = {"dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
+    with tempfile.TemporaryDirectory() as scratch:
+        config = TGDPOConfig(
+            output_dir=scratch,  # nothing is trained or saved
+            beta=args.beta,
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=args.batch_size,
+            token_chunk_size=args.token_chunk_size,
+            model_init_kwargs=init_kwargs,
+            guidance_model_init_kwargs=init_kwargs,
+            dataset_num_proc=args.dataset_num_proc,
+            # The values are computed in the models' dtype: no autocast
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            report_to="none",
+        )
+        # The reference is the "policy" of this trainer: with precomputed log-probs and no PEFT, DPOTrainer uses it as
+        # the reference and loads no second copy. The precompute (`TGDPOTrainer._precompute_ref_logps`) tokenizes
+        # each split as training will and stores r̂ = β·(log π_guide − log π_ref) per completion token.
+        trainer = TGDPOTrainer(
+            model=args.ref_model,
+            guidance_model=args.guidance_model,
+            args=config,
+            train_dataset=inputs[splits[0]],
+            eval_dataset={split: inputs[split] for split in splits[1:]} or None,
+            processing_class=tokenizer,
+        )
+        prepared = {splits[0]: trainer.train_dataset, **(trainer.eval_dataset or {})}
+
+    outputs, info_splits = {}, {}
+    features = List(Value("float32"))
+    for split in splits:
+        table = prepared[split].select_columns([_ROW, *TOKEN_REWARD_COLUMNS]).with_format("arrow")[:]
+        position = np.full(len(inputs[split]), -1, dtype=np.int64)
+        position[table[_ROW].to_numpy()] = np.arange(len(table))
+        take = pa.array(position, mask=position < 0)  # a null index gives a null list: a row the trainer drops
+        output = inputs[split].remove_columns(_ROW)
+        for column in TOKEN_REWARD_COLUMNS:
+            values = pc.take(table[column], take).combine_chunks().cast(pa.list_(pa.float32()))
+            output = output.add_column(column, values, feature=features)
+        outputs[split] = output
+        info_splits[split] = {
+            "rows": len(output),
+            "rows_without_values": int((position < 0).sum()),
+            **_token_reward_stats(output),
+        }
+
+    info = {
+        "columns": {
+            "chosen_token_rewards": "r̂_t = beta * (log π_guide(y_t|s_t) - log π_ref(y_t|s_t)), one per chosen token",
+            "rejected_token_rewards": "r̂_t for each rejected token",
+            "null": "a token removed by max_length truncation (never read by training at these settings)",
+        },
+        "beta": args.beta,
+        "guidance_model": args.guidance_model,
+        "ref_model": args.ref_model,
+        "tokenizer": args.tokenizer or args.ref_model,
+        "dtype": args.dtype,
+        "max_length": args.max_length,
+        "truncation_mode": args.truncation_mode,
+        "dataset": dataset_name,
+        "splits": info_splits,
+    }
+    return DatasetDict(outputs), info
+
+
+def write_outputs(dataset, info: dict, output_dir: str, output_format: str) -> dict[str, str]:
+    """Write every split and the info file; returns the written paths by split."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_format == "disk":
+        dataset.save_to_disk(str(output_dir))
+        paths = {split: str(output_dir / split) for split in dataset}
+    else:
+        paths = {}
+        for split, split_dataset in dataset.items():
+            path = output_dir / f"{split}.{output_format}"
+            if output_format == "jsonl":
+                split_dataset.to_json(str(path), lines=True, force_ascii=False)
+            else:
+                split_dataset.to_parquet(str(path))
+            paths[split] = str(path)
+    with open(output_dir / INFO_FILE, "w") as f:
+        json.dump({**info, "format": output_format, "files": paths}, f, indent=2, ensure_ascii=False)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, str]:
+    args = parse_args(argv)
+    if not args.beta > 0:
+        raise ValueError(f"--beta must be positive, got {args.beta}.")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    dataset, info = compute_token_rewards(args)
+    paths = write_outputs(dataset, info, args.output_dir, args.output_format)
+    for split, split_info in info["splits"].items():
+        chosen, rejected = split_info["chosen_token_rewards"], split_info["rejected_token_rewards"]
+        print(
+            f"{split}: {split_info['rows']} rows ({split_info['rows_without_values']} without values), "
+            f"{chosen['tokens']} + {rejected['tokens']} tokens, mean r̂ chosen {chosen['mean']} / rejected "
+            f"{rejected['mean']}, max |r̂| {max(chosen['max_abs'] or 0.0, rejected['max_abs'] or 0.0):.4g} "
+            f"-> {paths[split]}"
+        )
+    print(f"Info: {Path(args.output_dir) / INFO_FILE}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,581 @@
+"""TGDPOTrainer: equivalence with TRL's DPOTrainer where the maths says so, the loss of a real batch against a naive
+full-logits computation, on-the-fly vs precomputed token rewards (and reference log-probs), the per-token collator,
+validation of precomputed columns, training runs (full, LoRA, from the precompute script's output), metrics and
+configuration errors. Invariant numbers refer to ALGORITHMS.md §6; the hand-computed 2-token case (13) and the pure
+monotonicity check (14) are in `tests/test_losses.py`."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import load_dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+from trl import DPOConfig, DPOTrainer
+
+from trl_tokenpref import TGDPOConfig, TGDPOTrainer
+from trl_tokenpref.tgdpo import DataCollatorForTGDPO
+from trl_tokenpref.tiny import build_tiny_model
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ALPHA = 5.0  # large enough that a misplaced or mis-scaled token reward changes the loss visibly
+NEW_METRICS = {"token_rewards/chosen", "token_rewards/rejected", "token_rewards/negative_weights"}
+
+
+def fast_args(output_dir, config_class=TGDPOConfig, **overrides):
+    """Settings for tiny CPU runs: fp32, no gradient checkpointing, a high constant learning rate."""
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        max_steps=10,
+        learning_rate=2e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return config_class(**kwargs)
+
+
+def perturbed_copy(source: str, target: Path, seed: int, scale: float, lm_head_only: bool = False) -> str:
+    """Save `source` with Gaussian noise added to its weights (all of them, or only the LM head)."""
+    model = AutoModelForCausalLM.from_pretrained(source)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not lm_head_only or name.startswith("lm_head"):
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    model.save_pretrained(target)
+    return str(target)
+
+
+@pytest.fixture(scope="module")
+def policy_path(tiny_model_path, tmp_path_factory) -> str:
+    """The model to train: the reference (`tiny_model_path`) moved away, so that ρ_t ≠ 0 from the first step."""
+    return perturbed_copy(tiny_model_path, tmp_path_factory.mktemp("policy"), seed=1, scale=0.05)
+
+
+@pytest.fixture(scope="module")
+def guidance_path(tiny_model_path, tmp_path_factory) -> str:
+    """A guidance model with the reference's tokenizer whose token rewards r̂ vary by token (|r̂| ~ 0.1 at β = 0.1)."""
+    return perturbed_copy(tiny_model_path, tmp_path_factory.mktemp("guidance"), seed=2, scale=0.1, lm_head_only=True)
+
+
+@pytest.fixture(scope="module")
+def train_subset(default_dataset):
+    return default_dataset["train"].select(range(32))
+
+
+@pytest.fixture(scope="module")
+def script_module():
+    spec = importlib.util.spec_from_file_location(
+        "compute_token_rewards", REPO_ROOT / "scripts" / "compute_token_rewards.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def precomputed(script_module, default_dataset, tiny_model_path, guidance_path, tmp_path_factory):
+    """The precompute script run in-process on local JSON Lines files (32 train and 8 test pairs), written as JSON
+    Lines and loaded back: the whole file round trip a user goes through."""
+    data_dir = tmp_path_factory.mktemp("data")
+    default_dataset["train"].select(range(32)).to_json(str(data_dir / "train.jsonl"))
+    default_dataset["test"].select(range(8)).to_json(str(data_dir / "test.jsonl"))
+    output_dir = tmp_path_factory.mktemp("token_rewards")
+    torch.set_num_threads(1)
+    paths = script_module.main(
+        [
+            "--guidance_model",
+            guidance_path,
+            "--ref_model",
+            tiny_model_path,
+            "--dataset_path",
+            str(data_dir),
+            "--output_dir",
+            str(output_dir),
+            "--output_format",
+            "jsonl",
+            "--beta",
+            "0.1",
+            "--batch_size",
+            "3",  # 32 and 8 rows: the last batch is partial (gathering must not drop its rejected half)
+        ]
+    )
+    info = json.loads((output_dir / "token_rewards_info.json").read_text())
+    return load_dataset("json", data_files=paths), info
+
+
+def collated_batch(trainer, num_pairs=6):
+    examples = [trainer.train_dataset[i] for i in range(num_pairs)]
+    return trainer._prepare_inputs(trainer.data_collator(examples))
+
+
+def loss_and_grads(trainer, batch):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad()
+    return loss.detach(), grads
+
+
+def assert_same_loss_and_grads(result, expected, rtol=1e-4, atol=1e-6):
+    torch.testing.assert_close(result[0], expected[0], rtol=rtol, atol=atol)
+    assert result[1].keys() == expected[1].keys()
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(result[1][name], grad, rtol=rtol, atol=atol, msg=name)
+
+
+def tgdpo(model_path, tokenizer, dataset, tmp_path, ref_path=None, guidance=None, **config):
+    """A TGDPOTrainer training `model_path`, with an explicit reference loaded from `ref_path` (if given)."""
+    ref_model = AutoModelForCausalLM.from_pretrained(ref_path) if ref_path else None
+    name = "-".join(f"{key}={value}" for key, value in config.items()) or "default"
+    return TGDPOTrainer(
+        model=model_path,
+        ref_model=ref_model,
+        guidance_model=guidance,
+        args=fast_args(tmp_path / name, alpha=config.pop("alpha", ALPHA), **config),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+
+
+class TestEquivalenceWithDPO:
+    @pytest.mark.parametrize("case", ["alpha_zero", "guidance_is_reference"])
+    def test_loss_and_gradient_equal_trl_dpo(
+        self, case, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
+    ):
+        """Invariant 11: α = 0 (with a real guidance model), or a guidance model equal to the reference (r̂ ≡ 0, any
+        α), gives DPO's loss and gradient, away from initialisation."""
+        dpo = DPOTrainer(
+            model=policy_path,
+            ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
+            args=fast_args(tmp_path / "dpo", DPOConfig),
+            train_dataset=train_subset,
+            processing_class=tiny_tokenizer,
+        )
+        guidance, alpha = (guidance_path, 0.0) if case == "alpha_zero" else (tiny_model_path, ALPHA)
+        trainer = tgdpo(
+            policy_path, tiny_tokenizer, train_subset, tmp_path, tiny_model_path, guidance=guidance, alpha=alpha
+        )
+        batch = collated_batch(dpo)
+        expected = loss_and_grads(dpo, batch)
+        assert abs(expected[0] - math.log(2)) > 5e-3  # ρ ≠ 0: not the log 2 of initialisation
+        assert_same_loss_and_grads(loss_and_grads(trainer, batch), expected)
+
+    def test_guidance_changes_the_loss(
+        self, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
+    ):
+        """The control of the test above: with α > 0 and a guidance model unlike the reference, the loss is not DPO's."""
+        common = dict(ref_path=tiny_model_path, guidance=guidance_path)
+        losses = [
+            loss_and_grads(trainer, collated_batch(trainer))[0]
+            for trainer in (
+                tgdpo(policy_path, tiny_tokenizer, train_subset, tmp_path, alpha=0.0, **common),
+                tgdpo(policy_path, tiny_tokenizer, train_subset, tmp_path, alpha=ALPHA, **common),
+            )
+        ]
+        assert abs(losses[0] - losses[1]) > 1e-3
+
+
+class TestLoss:
+    def test_matches_naive_full_logits_computation(
+        self, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
+    ):
+        """Invariants 12 and 13 on a real batch: the loss and the policy gradient equal
+        −log σ(β Σ_t (1 + α r̂^w_t) ρ^w_t − β Σ_t (1 − α r̂^l_t) ρ^l_t) computed from the three models' full logits,
+        with r̂ = β (log π_guide − log π_ref) a constant; no gradient reaches the reference or the guidance model."""
+        beta = 0.2
+        trainer = tgdpo(policy_path, tiny_tokenizer, train_subset, tmp_path, tiny_model_path, guidance_path, beta=beta)
+        batch = collated_batch(trainer)
+        loss, grads = loss_and_grads(trainer, batch)
+
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["input_ids"][:, 1:].unsqueeze(-1)
+        mask = batch["completion_mask"][:, 1:].bool()
+
+        def label_log_probs(model):
+            return F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1).gather(-1, labels).squeeze(-1)
+
+        with torch.no_grad():
+            ref = label_log_probs(trainer.ref_model)
+            rewards = beta * (label_log_probs(trainer.guidance_model) - ref)
+        rho = torch.where(mask, label_log_probs(trainer.model) - ref, 0.0)
+        weights = torch.where(mask, torch.cat([1 + ALPHA * rewards.chunk(2)[0], 1 - ALPHA * rewards.chunk(2)[1]]), 0.0)
+        chosen, rejected = (weights * rho).sum(-1).chunk(2)
+        naive = -F.logsigmoid(beta * (chosen - rejected)).mean()
+        assert (rewards[mask].abs() > 1e-3).float().mean() > 0.5  # the guidance is not trivial
+        params = dict(trainer.model.named_parameters())
+        naive_grads = torch.autograd.grad(naive, list(params.values()))
+        torch.testing.assert_close(loss, naive.detach(), rtol=1e-5, atol=1e-6)
+        for (name, _), naive_grad in zip(params.items(), naive_grads):
+            torch.testing.assert_close(grads[name], naive_grad, rtol=1e-4, atol=1e-6, msg=name)
+
+        # Invariant 12: nothing reaches the reference or the guidance model
+        trainer.compute_loss(trainer.model, batch).backward()
+        for frozen in (trainer.ref_model, trainer.guidance_model):
+            assert all(param.grad is None for param in frozen.parameters())
+        assert not any(param.requires_grad for param in trainer.guidance_model.parameters())
+
+    def test_monotone_in_precomputed_rewards(
+        self, policy_path, tiny_model_path, tiny_tokenizer, precomputed, tmp_path
+    ):
+        """Invariant 14 through the trainer: raising r̂ on chosen tokens with ρ > 0, or on rejected tokens with ρ > 0,
+        lowers the loss."""
+        trainer = tgdpo(policy_path, tiny_tokenizer, precomputed[0]["train"], tmp_path, tiny_model_path)
+        batch = collated_batch(trainer)
+        with torch.no_grad():
+            stats = trainer._policy_forward(
+                trainer.model, batch, ref_hidden_states=trainer._reference_hidden_states(batch)
+            ).stats
+            rho = stats.log_probs - stats.ref_log_probs
+            mask = batch["completion_mask"][:, 1:].bool()
+            base = trainer.compute_loss(trainer.model, batch)
+            for column, half in (("chosen_token_rewards", 0), ("rejected_token_rewards", 1)):
+                positive = (rho.chunk(2)[half] > 0) & mask.chunk(2)[half]
+                assert positive.any()
+                bumped = dict(batch, **{column: batch[column] + 0.1 * positive})
+                assert trainer.compute_loss(trainer.model, bumped) < base
+
+    def test_negative_weight_metric_and_clamp(
+        self, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
+    ):
+        """`token_rewards/negative_weights` counts weights 1 ± α r̂ < 0 (sign flips, ALGORITHMS.md §2.5 a);
+        `min_token_weight=0` removes them and changes the loss."""
+        results = {}
+        for name, config in {"free": {}, "clamped": {"min_token_weight": 0.0, "max_token_weight": 3.0}}.items():
+            trainer = tgdpo(
+                policy_path,
+                tiny_tokenizer,
+                train_subset,
+                tmp_path,
+                tiny_model_path,
+                guidance_path,
+                alpha=50.0,
+                **config,
+            )
+            trainer.model.train()
+            with torch.no_grad():
+                loss = trainer.compute_loss(trainer.model, collated_batch(trainer))
+            results[name] = (loss, {key: values[-1] for key, values in trainer._metrics["train"].items()})
+        assert results["free"][1]["token_rewards/negative_weights"] > 0.05
+        assert results["clamped"][1]["token_rewards/negative_weights"] == 0.0
+        assert not torch.allclose(results["free"][0], results["clamped"][0])
+        metrics = results["free"][1]
+        assert NEW_METRICS | {"rewards/chosen", "rewards/margins", "logps/chosen", "entropy"} <= metrics.keys()
+        assert metrics["rewards/margins"] == pytest.approx(
+            metrics["rewards/chosen"] - metrics["rewards/rejected"], abs=1e-6
+        )
+
+
+class TestPrecomputed:
+    def test_on_the_fly_and_precomputed_give_the_same_loss(
+        self, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, precomputed, tmp_path
+    ):
+        """The same batch, four ways: guidance model on the fly; precomputed reference log-probs and guidance rewards
+        (`precompute_ref_log_probs=True`); the script's reward columns with the reference on the fly; and the script's
+        columns with precomputed reference log-probs (a DPO-cost step). Same loss and gradient to float tolerance."""
+        dataset = precomputed[0]["train"]
+        without_columns = dataset.remove_columns(["chosen_token_rewards", "rejected_token_rewards"])
+        common = dict(model_path=policy_path, tokenizer=tiny_tokenizer, tmp_path=tmp_path, ref_path=tiny_model_path)
+        trainers = {
+            "on_the_fly": tgdpo(dataset=without_columns, guidance=guidance_path, **common),
+            "precompute_all": tgdpo(
+                dataset=without_columns,
+                guidance=guidance_path,
+                precompute_ref_log_probs=True,
+                precompute_ref_batch_size=5,  # a partial last batch
+                **common,
+            ),
+            "columns": tgdpo(dataset=dataset, **common),
+            "columns_precompute_ref": tgdpo(dataset=dataset, precompute_ref_log_probs=True, **common),
+        }
+        # Nothing but the policy's forward is left to a step that has every per-token column
+        assert trainers["columns_precompute_ref"].guidance_model is None
+        batch = collated_batch(trainers["columns_precompute_ref"])
+        assert {"chosen_token_rewards", "ref_chosen_token_logps"} <= batch.keys()
+        expected = loss_and_grads(trainers["on_the_fly"], collated_batch(trainers["on_the_fly"]))
+        for trainer in trainers.values():
+            assert_same_loss_and_grads(loss_and_grads(trainer, collated_batch(trainer)), expected)
+        # Every row, the partial last batches included: the in-trainer precompute stores the script's rewards, and the
+        # same reference log-probs whether or not it also computes the rewards
+        stored, reference_only = (
+            trainers["precompute_all"].train_dataset,
+            trainers["columns_precompute_ref"].train_dataset,
+        )
+        for side in ("chosen", "rejected"):
+            for mine, script in zip(stored[f"{side}_token_rewards"], dataset[f"{side}_token_rewards"], strict=True):
+                torch.testing.assert_close(torch.tensor(mine), torch.tensor(script), rtol=1e-4, atol=1e-6)
+            column = f"ref_{side}_token_logps"
+            for mine, other in zip(stored[column], reference_only[column], strict=True):
+                torch.testing.assert_close(torch.tensor(mine), torch.tensor(other))
+
+    def test_peft_precompute_uses_the_adapter_free_reference(
+        self, tiny_model_path, guidance_path, tiny_tokenizer, train_subset, tmp_path
+    ):
+        """With LoRA the reference is the model with its adapter disabled, in the precompute pass too: precomputed and
+        on-the-fly reference log-probs and rewards give the same loss and gradient (a random, non-zero adapter makes
+        the policy differ from the reference)."""
+        results = []
+        for precompute in (False, True):
+            trainer = TGDPOTrainer(
+                model=tiny_model_path,
+                guidance_model=guidance_path,
+                args=fast_args(
+                    tmp_path / str(precompute),
+                    alpha=ALPHA,
+                    precompute_ref_log_probs=precompute,
+                    precompute_ref_batch_size=5,
+                ),
+                train_dataset=train_subset,
+                processing_class=tiny_tokenizer,
+                peft_config=LoraConfig(
+                    r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+                ),
+            )
+            results.append(loss_and_grads(trainer, collated_batch(trainer)))
+        assert abs(results[0][0] - math.log(2)) > 1e-3
+        assert_same_loss_and_grads(results[1], results[0])
+
+    def test_script_output_and_info(self, precomputed, tiny_model_path, tiny_tokenizer, tmp_path):
+        """One finite value per completion token as the trainer tokenizes it, and the info file records β."""
+        dataset, info = precomputed
+        assert info["beta"] == 0.1 and info["max_length"] == 1024 and set(info["splits"]) == {"train", "test"}
+        trainer = tgdpo(tiny_model_path, tiny_tokenizer, dataset["train"], tmp_path)
+        for row in trainer.train_dataset.select(range(8)):
+            for side in ("chosen", "rejected"):
+                values = row[f"{side}_token_rewards"]
+                assert len(values) == len(row[f"{side}_ids"]) and all(math.isfinite(v) for v in values)
+        # The columns survive `remove_unused_columns=True` and reach the batch
+        assert "rejected_token_rewards" in next(iter(trainer.get_train_dataloader()))
+
+    def test_truncated_values_and_max_length(self, script_module, train_subset, tiny_model_path, tmp_path):
+        """Values computed with `max_length=20` have nulls for the truncated tokens: training at `max_length=20`
+        accepts them, training at the default `max_length` refuses them, naming a row."""
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        train_subset.select(range(8)).to_json(str(data_dir / "train.jsonl"))
+        paths = script_module.main(
+            ["--guidance_model", tiny_model_path, "--ref_model", tiny_model_path, "--dataset_path", str(data_dir)]
+            + ["--output_dir", str(tmp_path / "out"), "--max_length", "20"]
+        )
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(str(tmp_path / "out"))["train"]
+        assert paths == {"train": str(tmp_path / "out" / "train")}
+        assert any(None in row["chosen_token_rewards"] for row in dataset)
+        trainer = TGDPOTrainer(
+            model=tiny_model_path, args=fast_args(tmp_path / "ok", max_length=20), train_dataset=dataset
+        )
+        with torch.no_grad():
+            batch = collated_batch(trainer, 8)
+            torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), torch.tensor(math.log(2)))
+        with pytest.raises(
+            ValueError, match=r"Row \d+ of the train dataset: `\w+_token_rewards` has no value \(null\)"
+        ):
+            TGDPOTrainer(model=tiny_model_path, args=fast_args(tmp_path / "bad"), train_dataset=dataset)
+        # An IterableDataset cannot be checked before training: the collator refuses the batch instead
+        trainer = TGDPOTrainer(
+            model=tiny_model_path, args=fast_args(tmp_path / "iterable"), train_dataset=dataset.to_iterable_dataset()
+        )
+        with pytest.raises(ValueError, match="missing or non-finite value in `chosen_token_rewards`"):
+            trainer.train()
+
+    @pytest.mark.parametrize(
+        "corrupt, message",
+        [
+            (
+                lambda row: row["chosen_token_rewards"][:-1],
+                r"Row 3 of the train dataset: `chosen_token_rewards` has \d+ ",
+            ),
+            (lambda row: row["chosen_token_rewards"][:-1] + [math.nan], "Row 3 .* holds nan at completion token"),
+            (lambda row: None, r"Row 3 .*`chosen_token_rewards` has no value \(null\), but"),
+        ],
+    )
+    def test_bad_rows_are_rejected(self, corrupt, message, precomputed, tiny_model_path, tiny_tokenizer, tmp_path):
+        dataset = precomputed[0]["train"]
+
+        def edit(row, index):
+            if index == 3:
+                row["chosen_token_rewards"] = corrupt(row)
+            return row
+
+        with pytest.raises(ValueError, match=message):
+            tgdpo(tiny_model_path, tiny_tokenizer, dataset.map(edit, with_indices=True), tmp_path)
+
+    def test_sources_are_checked(self, precomputed, guidance_path, tiny_model_path, tiny_tokenizer, tmp_path):
+        dataset = precomputed[0]["train"]
+        with pytest.raises(ValueError, match="needs token rewards .* no source"):
+            tgdpo(
+                tiny_model_path,
+                tiny_tokenizer,
+                dataset.remove_columns("chosen_token_rewards").remove_columns("rejected_token_rewards"),
+                tmp_path,
+            )
+        with pytest.raises(ValueError, match="has the column `chosen_token_rewards` but not its counterpart"):
+            tgdpo(tiny_model_path, tiny_tokenizer, dataset.remove_columns("rejected_token_rewards"), tmp_path)
+        with pytest.raises(ValueError, match="ambiguous"):
+            tgdpo(tiny_model_path, tiny_tokenizer, dataset, tmp_path, guidance=guidance_path)
+        with pytest.raises(ValueError, match="Give the guidance model in one place only"):
+            TGDPOTrainer(
+                model=tiny_model_path,
+                guidance_model=guidance_path,
+                args=fast_args(tmp_path, guidance_model_name_or_path=guidance_path),
+                train_dataset=dataset,
+            )
+
+
+class TestCollator:
+    def test_values_are_aligned_with_shifted_labels_and_truncated_like_ids(self):
+        """Column p−1 holds the value of the completion token at position p; prompt and padding hold 0; truncation
+        (both modes) cuts the values exactly as the ids, and a truncated-away value may be missing (None)."""
+        examples = [
+            {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6], "chosen_token_rewards": [0.1, 0.2],
+             "rejected_token_rewards": [0.3]},
+            {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11, 12],
+             "chosen_token_rewards": [0.4], "rejected_token_rewards": [0.5, 0.6, None]},
+        ]  # fmt: skip
+        output = DataCollatorForTGDPO(pad_token_id=0, max_length=4)(examples)
+        assert output["input_ids"].tolist() == [[1, 2, 3, 4], [7, 8, 9, 0], [1, 2, 3, 6], [7, 8, 10, 11]]
+        torch.testing.assert_close(output["chosen_token_rewards"], torch.tensor([[0, 0, 0.1], [0, 0.4, 0]]))
+        torch.testing.assert_close(output["rejected_token_rewards"], torch.tensor([[0, 0, 0.3], [0, 0.5, 0.6]]))
+        # keep_end cuts the start: here the whole prompt and the first completion token of the rejected row 2
+        keep_end = DataCollatorForTGDPO(pad_token_id=0, max_length=2, truncation_mode="keep_end")
+        examples[1]["rejected_token_rewards"] = [None, 0.5, 0.6]
+        output = keep_end(examples)
+        assert output["input_ids"].tolist() == [[4, 5], [8, 9], [3, 6], [11, 12]]
+        torch.testing.assert_close(output["chosen_token_rewards"], torch.tensor([[0.2], [0.4]]))
+        # Row 2 of rejected is [11, 12]: 11 sits at position 0 (no label), 12's value 0.6 at column 0
+        torch.testing.assert_close(output["rejected_token_rewards"], torch.tensor([[0.3], [0.6]]))
+
+    def test_bad_values_are_rejected(self):
+        example = {"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [5]}
+        collator = DataCollatorForTGDPO(pad_token_id=0)
+        with pytest.raises(ValueError, match="Example 0 of this batch has 1 values in `chosen_token_rewards` but 2"):
+            collator([dict(example, chosen_token_rewards=[0.1], rejected_token_rewards=[0.2])])
+        with pytest.raises(ValueError, match="missing or non-finite value in `rejected_token_rewards`"):
+            collator([dict(example, chosen_token_rewards=[0.1, 0.2], rejected_token_rewards=[math.inf])])
+
+
+def changed_parameters(before, model):
+    return {name for name, param in model.named_parameters() if not torch.equal(before[name], param.detach())}
+
+
+class TestTraining:
+    def test_full_fine_tuning_with_guidance_model(
+        self, tiny_model_path, guidance_path, tiny_tokenizer, default_dataset, tmp_path
+    ):
+        trainer = TGDPOTrainer(
+            model=tiny_model_path,
+            guidance_model=guidance_path,
+            args=fast_args(tmp_path / "run", alpha=0.5, max_steps=12),
+            train_dataset=default_dataset["train"].select(range(96)),
+            eval_dataset=default_dataset["test"].select(range(16)),
+            processing_class=tiny_tokenizer,
+        )
+        before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+        guidance_before = {name: param.detach().clone() for name, param in trainer.guidance_model.named_parameters()}
+        trainer.train()
+        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
+        assert sum(losses[-4:]) / 4 < losses[0] - 0.05
+        assert changed_parameters(before, trainer.model) == set(before)
+        assert not changed_parameters(guidance_before, trainer.guidance_model)
+        assert NEW_METRICS <= trainer.state.log_history[-2].keys()
+        metrics = trainer.evaluate()
+        assert {"eval_loss", "eval_token_rewards/chosen", "eval_rewards/accuracies"} <= metrics.keys()
+
+    def test_lora_from_the_script_output(self, tiny_model_path, tiny_tokenizer, precomputed, tmp_path):
+        """The precompute script's output trains (with precomputed reference log-probs: a DPO-cost step), with LoRA:
+        only the adapter moves."""
+        dataset = precomputed[0]
+        trainer = TGDPOTrainer(
+            model=tiny_model_path,
+            args=fast_args(
+                tmp_path / "run", alpha=0.5, learning_rate=2e-2, max_steps=12, precompute_ref_log_probs=True
+            ),
+            train_dataset=dataset["train"],
+            eval_dataset=dataset["test"],
+            processing_class=tiny_tokenizer,
+            peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        )
+        assert trainer.ref_model is None and trainer.guidance_model is None
+        before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+        trainer.train()
+        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        assert sum(losses[-4:]) / 4 < losses[0] - 0.05
+        trainable = {name for name, param in trainer.model.named_parameters() if param.requires_grad}
+        assert changed_parameters(before, trainer.model) == trainable and all("lora_" in n for n in trainable)
+        assert NEW_METRICS <= trainer.state.log_history[-2].keys()
+        assert "eval_token_rewards/rejected" in trainer.evaluate()
+
+
+class TestConfigAndErrors:
+    def test_defaults(self, tmp_path):
+        args = TGDPOConfig(output_dir=str(tmp_path), use_cpu=True)
+        assert args.alpha == 0.5 and args.beta == 0.1 and args.token_weight_clamp is None
+        assert args.guidance_model_name_or_path is None
+        assert TGDPOConfig(output_dir=str(tmp_path), use_cpu=True, min_token_weight=0.0).token_weight_clamp == (
+            0.0,
+            math.inf,
+        )
+        # Precomputed reference log-probs are allowed (unlike TDPO), and init kwargs may come as JSON from the CLI
+        args = TGDPOConfig(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            precompute_ref_log_probs=True,
+            guidance_model_init_kwargs='{"dtype": "bfloat16"}',
+        )
+        assert args.guidance_model_init_kwargs == {"dtype": "bfloat16"}
+        # `none` from the command line clears a path set by a recipe
+        assert (
+            TGDPOConfig(
+                output_dir=str(tmp_path), use_cpu=True, guidance_model_name_or_path="None"
+            ).guidance_model_name_or_path
+            is None
+        )
+
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            (dict(alpha=-0.1), "`alpha` must be a finite number >= 0"),
+            (dict(alpha=math.inf), "`alpha` must be a finite number >= 0"),
+            (dict(min_token_weight=2.0, max_token_weight=1.0), "must not exceed `max_token_weight`"),
+            (dict(max_token_weight=math.nan), "`max_token_weight` must be a finite number"),
+            (dict(loss_type=["ipo"]), "defines its own loss"),
+            (dict(beta=0.0), "`beta` must be positive"),
+        ],
+    )
+    def test_invalid_values(self, kwargs, message, tmp_path):
+        with pytest.raises(ValueError, match=message):
+            TGDPOConfig(output_dir=str(tmp_path), use_cpu=True, **kwargs)
+
+    def test_guidance_model_errors(self, tiny_model_path, tiny_tokenizer, train_subset, tmp_path):
+        other_vocab = build_tiny_model(tmp_path / "other", vocab_size=400)
+        for guidance in (other_vocab, AutoModelForCausalLM.from_pretrained(other_vocab)):
+            with pytest.raises(ValueError, match="vocabulary has 400 entries but the policy's has 512"):
+                tgdpo(tiny_model_path, tiny_tokenizer, train_subset, tmp_path, guidance=guidance)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+        with pytest.raises(ValueError, match="`guidance_model` is the model being trained"):
+            TGDPOTrainer(model=model, guidance_model=model, args=fast_args(tmp_path), train_dataset=train_subset)
+        with pytest.raises(TypeError, match="must be a `TGDPOConfig`"):
+            TGDPOTrainer(
+                model=tiny_model_path,
+                guidance_model=tiny_model_path,
+                args=DPOConfig(output_dir=str(tmp_path), use_cpu=True),
+                train_dataset=train_subset,
+            )
