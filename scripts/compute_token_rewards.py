@@ -22,8 +22,8 @@ tokenization and forward passes, `TGDPOTrainer` with `precompute_ref_log_probs=T
   `--truncation_mode`; a token that truncation removes has no value (`null`). The trainer checks, before training,
   that every value it reads is present and finite, so a file computed with a shorter `max_length` than training is
   refused with the row named. With `truncation_mode="keep_start"` (the default), `--max_length 0` computes every token
-  and the file then suits any training `max_length`. Rows whose prompt alone fills `max_length` (which the trainer
-  drops) get `null` lists.
+  and the file then suits any training `max_length`. A row whose prompt alone fills `max_length` (no completion token
+  left) stops the script with an error naming the row, as it stops training: raise `--max_length` or drop the row.
 * **The reference** must be the one training regularises toward (the policy's initial weights, as in the official
   code), and the guidance model must share its tokenizer (usually a DPO model trained from that reference).
 

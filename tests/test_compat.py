@@ -92,3 +92,17 @@ def test_model_loading_and_preparation_helpers():
     _compat.disable_dropout_in_model(module)
     assert module[1].p == 0
     assert _compat.hash_module(module) == _compat.hash_module(module)
+
+
+def test_dpo_prepare_dataset_uses_max_length_only_to_drop_rows():
+    """`TokenLevelDPOTrainer._prepare_dataset` tokenizes through DPOTrainer's `_prepare_dataset` with `max_length=None`
+    (keep_start), so that the rows whose prompt fills `max_length` are refused by name instead of dropped silently.
+    That is only equivalent while DPOTrainer's sole use of `max_length` there is that filter (the collator truncates)."""
+    import trl
+
+    source = inspect.getsource(trl.DPOTrainer._prepare_dataset)
+    uses = [line.strip() for line in source.splitlines() if "max_length" in line and not line.strip().startswith("#")]
+    assert uses == [
+        'if args.max_length is not None and args.truncation_mode == "keep_start":',
+        'dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length, **map_kwargs)',
+    ]

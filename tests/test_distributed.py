@@ -1,11 +1,12 @@
-"""Two CPU processes (gloo) against one, with the same global batch: TDPO must not notice the difference.
+"""Two CPU processes (gloo) against one, with the same global batch: the trainers must not notice the difference.
 
 `accelerate launch --multi_gpu --num_processes 2` runs two processes on CPU through torch.distributed with gloo.
 (`accelerate launch --cpu --num_processes 2` would silently start ONE process: FEASIBILITY.md Q3.) With 2 pairs per
 process against 4 pairs in one process, the same seed and the same data order, DDP's averaged gradient equals the
-single process's, so the whole loss trajectory must match. The logged `kl/*` metrics must also equal the single
-process's: each process only sees half of the pairs, so a value that was not gathered over both processes would be
-the mean over rank 0's pairs alone and differ.
+single process's, so the whole loss trajectory and the final parameters must match. The logged `kl/*` metrics must
+also equal the single process's: each process only sees half of the pairs, so a value that was not gathered over both
+processes would be the mean over rank 0's pairs alone and differ. TDPO runs in the default suite; TBPO-Q, whose
+baseline head lives outside DDP and has its gradients averaged by the trainer, is `slow`.
 """
 
 import json
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +36,9 @@ def logged_steps(output_dir: Path) -> list[dict]:
     return [entry for entry in state["log_history"] if "loss" in entry]
 
 
-@pytest.mark.distributed
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+def one_and_two_processes(method: str, tmp_path: Path, extra_args: list[str]) -> tuple[Path, Path]:
+    """Train `method` from its tiny recipe for MAX_STEPS steps with 2 processes × 2 pairs and 1 process × 4 pairs;
+    return the two output directories (each with its final checkpoint)."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("the `accelerate` launcher is not installed")
@@ -44,20 +47,59 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
     # A high learning rate so that the trajectory moves well away from its start within a few steps; the final
     # checkpoint's trainer_state.json holds the logged values at full precision
-    common = ["scripts/run_tdpo.py", "--config", "recipes/tdpo/tiny.yaml"]
+    common = [f"scripts/run_{method}.py", "--config", f"recipes/{method}/tiny.yaml"]
     common += ["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "data")]
     common += ["--max_steps", str(MAX_STEPS), "--logging_steps", "1", "--learning_rate", "1e-2", "--seed", "0"]
-    common += ["--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", str(MAX_STEPS)]
+    common += ["--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", str(MAX_STEPS), *extra_args]
 
     run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", *common, "--per_device_train_batch_size", "2",
          "--output_dir", str(tmp_path / "two")])  # fmt: skip
     run([sys.executable, *common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
+    return tmp_path / "one", tmp_path / "two"
 
-    two, one = logged_steps(tmp_path / "two"), logged_steps(tmp_path / "one")
-    assert [entry["step"] for entry in two] == [entry["step"] for entry in one] == list(range(1, MAX_STEPS + 1))
-    assert one[-1]["loss"] < one[0]["loss"] - 0.05, "the trajectory barely moved: the comparison would prove little"
+
+def assert_same_trajectory(one: Path, two: Path, keys: list[str]) -> None:
+    one_steps, two_steps = logged_steps(one), logged_steps(two)
+    assert [e["step"] for e in two_steps] == [e["step"] for e in one_steps] == list(range(1, MAX_STEPS + 1))
+    assert one_steps[-1]["loss"] < one_steps[0]["loss"] - 0.05, "the trajectory barely moved: it would prove little"
     # float32 reductions over differently padded micro-batches differ by ~1e-6 in absolute terms; `abs` covers the
     # differences (kl/margin) whose relative error that inflates
-    for key in ["loss", "kl/chosen", "kl/rejected", "kl/margin", "rewards/margins", "logps/chosen"]:
-        assert [entry[key] for entry in two] == pytest.approx([entry[key] for entry in one], rel=1e-4, abs=1e-5), key
+    for key in keys:
+        assert [e[key] for e in two_steps] == pytest.approx([e[key] for e in one_steps], rel=1e-4, abs=1e-5), key
+
+
+def assert_same_weights(one: Path, two: Path, file_name: str, initial: Path | None = None) -> None:
+    """The final weights of both runs agree, relative to how far training moved them from `initial` (or, without
+    it, relative to the weights themselves). Adam's normalised steps turn the ~1e-7 differences of the averaged
+    gradients into elementwise differences up to ~1e-5 on steps of ~1e-2, but the update of each tensor agrees to
+    ~1e-5 of its norm; a missing all-reduce or a rank that trains on other pairs gives O(1)."""
+    one_weights = load_file(str(one / f"checkpoint-{MAX_STEPS}" / file_name))
+    two_weights = load_file(str(two / f"checkpoint-{MAX_STEPS}" / file_name))
+    initial_weights = load_file(str(initial)) if initial is not None else None
+    assert one_weights.keys() == two_weights.keys()
+    for name, weight in one_weights.items():
+        scale = (weight - initial_weights[name]).norm() if initial_weights is not None else weight.norm()
+        assert scale > 0, f"{name} did not move: the comparison would prove nothing"
+        gap = ((two_weights[name] - weight).norm() / scale).item()
+        assert gap < 1e-4, f"{name}: the two-process weights differ by {gap:.2e} (relative)"
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    one, two = one_and_two_processes("tdpo", tmp_path, [])
+    assert_same_trajectory(
+        one, two, ["loss", "kl/chosen", "kl/rejected", "kl/margin", "rewards/margins", "logps/chosen"]
+    )
+    assert_same_weights(one, two, "model.safetensors", initial=tmp_path / "model" / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tbpo_q_two_processes_match_one_process(tmp_path):
+    """TBPO-Q: the policy (under DDP) and the baseline head (outside DDP, its gradients all-reduced by the trainer
+    before its own AdamW step) both end where the single process ends."""
+    one, two = one_and_two_processes("tbpo", tmp_path, ["--variant", "tbpo_q"])
+    assert_same_trajectory(one, two, ["loss", "log_R/mean", "baseline/log_w_abs_mean", "baseline/grad_norm"])
+    assert_same_weights(one, two, "model.safetensors", initial=tmp_path / "model" / "model.safetensors")
+    assert_same_weights(one, two, "baseline_head.safetensors")

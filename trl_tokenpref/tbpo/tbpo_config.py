@@ -222,8 +222,8 @@ class TBPOConfig(TokenLevelDPOConfig):
                 f"`baseline_learning_rate` must be a finite number > 0, got {self.baseline_learning_rate}. The "
                 "paper uses 1e-3."
             )
-        if not self.baseline_weight_decay >= 0:
-            raise ValueError(f"`baseline_weight_decay` must be >= 0, got {self.baseline_weight_decay}.")
+        if not (self.baseline_weight_decay >= 0 and math.isfinite(self.baseline_weight_decay)):
+            raise ValueError(f"`baseline_weight_decay` must be >= 0 and finite, got {self.baseline_weight_decay}.")
         if self.baseline_max_grad_norm is not None and not self.baseline_max_grad_norm >= 0:
             raise ValueError(
                 f"`baseline_max_grad_norm` must be >= 0 (0 disables clipping) or None (use `max_grad_norm`), got "

@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass, field
 
 from ..base import TokenLevelDPOConfig
@@ -53,9 +54,10 @@ class TDPOConfig(TokenLevelDPOConfig):
     def __post_init__(self):
         if self.variant not in TDPO_VARIANTS:
             raise ValueError(f"`variant` must be one of {list(TDPO_VARIANTS)}, got {self.variant!r}.")
-        if self.alpha < 0:
+        # `not (x >= 0)` rather than `x < 0`: NaN fails every comparison and would otherwise pass
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
             raise ValueError(
-                f"`alpha` must be non-negative, got {self.alpha}. It weights the sequential-KL margin of TDPO2 "
-                "(the paper uses 0.5; 0 recovers DPO)."
+                f"`alpha` must be non-negative and finite, got {self.alpha}. It weights the sequential-KL margin of "
+                "TDPO2 (the paper uses 0.5; 0 recovers DPO)."
             )
         super().__post_init__()

@@ -41,7 +41,7 @@ from .._compat import (
     prepare_fsdp,
     use_adapter,
 )
-from ..base import TokenLevelDPOTrainer
+from ..base import TokenLevelDPOTrainer, _scored_completion_range
 from ..losses import sequence_sum, tgdpo_loss
 from ..token_stats import add_token_stats_head
 from .tgdpo_config import TGDPOConfig
@@ -54,33 +54,13 @@ TOKEN_REWARD_COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")  # r̂
 REF_TOKEN_LOGPS_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")  # log π_ref, precompute only
 PER_TOKEN_COLUMNS = TOKEN_REWARD_COLUMNS + REF_TOKEN_LOGPS_COLUMNS
 
-_ROW_COLUMN = "__tgdpo_row__"  # the user's row index, carried through DPOTrainer's filtering for error messages
+_ROW_COLUMN = "__tgdpo_row__"  # the user's row index, carried through dataset preparation for error messages
 _VALIDATION_BATCH_ROWS = 4096
 _PRECOMPUTE_VERSION = "tgdpo-token-values-1"  # part of the cache key: bump when the stored values change meaning
 
 
 def _side(column: str) -> str:
     return "chosen" if "chosen" in column else "rejected"
-
-
-def _scored_completion_range(prompt_len: int, completion_len: int, max_length: int | None, truncation_mode: str):
-    """Completion tokens `[start, stop)` whose values training reads, and the index of the first one in the sequence
-    that `DataCollatorForPreference` builds.
-
-    These are the completion tokens that survive its truncation of prompt+completion to `max_length`, except a token
-    that would land at position 0 of the sequence: no label predicts it (only possible when the whole prompt is cut).
-    """
-    offset = 0  # tokens cut from the start of the sequence
-    start, stop = 0, completion_len
-    if max_length is not None:
-        if truncation_mode == "keep_end":
-            offset = max(0, prompt_len + completion_len - max_length)
-            start = max(0, offset - prompt_len)
-        else:
-            stop = max(0, min(completion_len, max_length - prompt_len))
-    if prompt_len + start - offset == 0 and start < stop:
-        start += 1
-    return start, stop, prompt_len + start - offset
 
 
 @dataclass
@@ -378,8 +358,8 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
         if not (has_rewards and isinstance(dataset, Dataset)):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         # Validate once, after tokenization (the values must match `chosen_ids` / `rejected_ids`), and report the row
-        # index of the dataset the user passed even though DPOTrainer may drop rows. An IterableDataset is checked
-        # batch by batch by the collator instead.
+        # index of the dataset the user passed, carried in a column so that it would survive a dropped row (the base
+        # class refuses the rows DPOTrainer drops). An IterableDataset is checked batch by batch by the collator.
         dataset = dataset.add_column(_ROW_COLUMN, np.arange(len(dataset)))
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         _validate_token_rewards(dataset, dataset_name, args, _ROW_COLUMN)

@@ -1,0 +1,482 @@
+"""Bad input is refused before training, with an error that names the problem, the row and the fix.
+
+The checks live in one place, `TokenLevelDPOTrainer` (`trl_tokenpref/base.py`), so every trainer runs them; the first
+test checks that for all three. The rest use TDPO. Each error must come from our own check, at init (before `train()`),
+and not from deep inside a chat template, a tokenizer or torch: the tests assert where it is raised. TGDPO's token-reward
+columns are validated separately (test_tgdpo_trainer.py); configuration values that the existing trainer tests already
+cover are not repeated here.
+"""
+
+import copy
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+
+from trl_tokenpref import TBPOConfig, TBPOTrainer, TDPOConfig, TDPOTrainer, TGDPOConfig, TGDPOTrainer
+from trl_tokenpref.base import TokenLevelDPOTrainer, _scored_completion_counts, _scored_completion_range
+
+
+BASE_MODULE = str(Path(__file__).resolve().parent.parent / "trl_tokenpref" / "base.py")
+
+
+def fast_args(output_dir, config_class=TDPOConfig, **overrides):
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return config_class(**kwargs)
+
+
+def tdpo(model, dataset, tokenizer, tmp_path, **config):
+    return TDPOTrainer(
+        model=model, args=fast_args(tmp_path, **config), train_dataset=dataset, processing_class=tokenizer
+    )
+
+
+def edit_rows(dataset: Dataset, edits: dict[int, dict]) -> Dataset:
+    rows = dataset.to_list()
+    for index, fields in edits.items():
+        rows[index].update(fields)
+    return Dataset.from_list(rows)
+
+
+def raised_by_our_check(excinfo) -> bool:
+    """The error comes from the trainers' own checks, not from a template, a tokenizer, datasets or torch."""
+    return excinfo.traceback[-1].path == Path(BASE_MODULE)
+
+
+@pytest.fixture(scope="module")
+def standard(default_dataset):
+    return default_dataset["train"].select(range(16))
+
+
+@pytest.fixture(scope="module")
+def conversational(conversational_dataset):
+    return conversational_dataset["train"].select(range(16))
+
+
+# ------------------------------------------------------------------------------------------------------ raw rows
+
+
+@pytest.mark.parametrize("method", ["tdpo", "tgdpo", "tbpo"])
+def test_every_trainer_checks_rows_at_init(method, tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    trainer_class, config_class = {
+        "tdpo": (TDPOTrainer, TDPOConfig),
+        "tgdpo": (TGDPOTrainer, TGDPOConfig),
+        "tbpo": (TBPOTrainer, TBPOConfig),
+    }[method]
+    extra = {"guidance_model": tiny_model_path} if method == "tgdpo" else {}
+    dataset = edit_rows(standard, {5: {"chosen": None}})
+    with pytest.raises(ValueError, match=r"^Row 5 of the train dataset: `chosen` is missing \(None\)\. Fix") as error:
+        trainer_class(
+            model=tiny_model_path,
+            args=fast_args(tmp_path, config_class),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+            **extra,
+        )
+    assert raised_by_our_check(error)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(prompt=""), r"the prompt is empty"),
+        (dict(prompt="  \n "), r"the prompt is empty \(or only whitespace\)"),
+        (dict(chosen=""), r"the chosen completion is empty"),
+        (dict(rejected=" <eos>"), r"the rejected completion is empty"),  # DPOTrainer would append nothing more
+        (dict(rejected=None), r"`rejected` is missing \(None\)"),
+    ],
+)
+def test_standard_rows(fields, message, tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    with pytest.raises(ValueError, match=rf"^Row 3 of the train dataset: {message}") as error:
+        tdpo(tiny_model_path, edit_rows(standard, {3: fields}), tiny_tokenizer, tmp_path)
+    assert raised_by_our_check(error)
+
+
+def user(content):
+    return {"role": "user", "content": content}
+
+
+def assistant(content):
+    return {"role": "assistant", "content": content}
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(chosen=[user("hi")]), r"the chosen completion has the roles \['user'\], but a completion is the"),
+        (dict(rejected=[assistant("a"), user("b"), assistant("c")]), r"the rejected completion has the roles"),
+        (dict(prompt=[user("q"), assistant("a")]), r"the prompt's last turn has the role 'assistant'"),
+        (dict(prompt=[{"role": "system", "content": "be nice"}]), r"the prompt's last turn has the role 'system'"),
+        (dict(prompt=[]), r"`prompt` is an empty list of messages"),
+        (dict(chosen=[]), r"the chosen completion is an empty list of messages"),
+        (dict(rejected=[assistant("  ")]), r"the rejected completion is empty"),
+        (dict(prompt=[user("")]), r"every message of the prompt is empty"),
+    ],
+)
+def test_conversational_rows(fields, message, tiny_model_path, tiny_tokenizer, conversational, tmp_path):
+    with pytest.raises(ValueError, match=rf"^Row 2 of the train dataset: {message}") as error:
+        tdpo(tiny_model_path, edit_rows(conversational, {2: fields}), tiny_tokenizer, tmp_path)
+    assert raised_by_our_check(error)
+
+
+def test_malformed_formats(tiny_model_path, tiny_tokenizer, standard, conversational, tmp_path):
+    mixed = standard.remove_columns("chosen").add_column("chosen", conversational["chosen"])
+    with pytest.raises(ValueError, match=r"^Row 0 .*`prompt` is a string, `chosen` is a list of messages, `rejected`"):
+        tdpo(tiny_model_path, mixed, tiny_tokenizer, tmp_path)
+
+    sharegpt = Dataset.from_dict(
+        {
+            "prompt": [[{"from": "human", "value": "hi"}]] * 4,
+            "chosen": [[{"from": "gpt", "value": "hello"}]] * 4,
+            "rejected": [[{"from": "gpt", "value": "go away"}]] * 4,
+        }
+    )
+    with pytest.raises(ValueError, match=r"message 0 of `prompt` is not a .*ShareGPT format.*maybe_convert_to_chatml"):
+        tdpo(tiny_model_path, sharegpt, tiny_tokenizer, tmp_path)
+
+    numbers = Dataset.from_dict({"prompt": ["a b", "c d"], "chosen": [1, 2], "rejected": [3, 4]})
+    with pytest.raises(ValueError, match=r"^Row 0 .*`chosen` must be a string or a list of messages, got a int"):
+        tdpo(tiny_model_path, numbers, tiny_tokenizer, tmp_path)
+
+
+def test_every_bad_row_is_counted(tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    dataset = edit_rows(standard, {1: {"prompt": ""}, 4: {"chosen": None}, 9: {"rejected": ""}})
+    with pytest.raises(ValueError, match=r"^Row 1 .* 3 of its 16 rows have a problem \(rows 1, 4, 9\)\. Fix or drop"):
+        tdpo(tiny_model_path, dataset, tiny_tokenizer, tmp_path)
+
+
+def test_missing_columns_and_empty_dataset(tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    with pytest.raises(ValueError, match=r"has no `rejected` column \(its columns are \['prompt', 'chosen'\]\)") as e:
+        tdpo(tiny_model_path, standard.remove_columns("rejected"), tiny_tokenizer, tmp_path)
+    assert raised_by_our_check(e)
+    with pytest.raises(ValueError, match=r"has no `chosen` and no `rejected` column.*rename_column"):
+        tdpo(tiny_model_path, standard.rename_columns({"chosen": "a", "rejected": "b"}), tiny_tokenizer, tmp_path)
+    tokenized = Dataset.from_dict({"prompt_ids": [[1, 2]], "chosen_ids": [[3]], "rejected_ids": [[4]]})
+    with pytest.raises(ValueError, match=r"takes no pre-tokenized `\*_ids` columns alone"):
+        tdpo(tiny_model_path, tokenized, tiny_tokenizer, tmp_path)
+    with pytest.raises(ValueError, match=r"^The train dataset has no rows\.$"):
+        tdpo(tiny_model_path, standard.select([]), tiny_tokenizer, tmp_path)
+
+
+def test_implicit_prompt(tiny_model_path, tiny_tokenizer, standard, conversational, tmp_path):
+    """Without a `prompt` column, TRL takes the longest common start of chosen and rejected as the prompt: a valid
+    implicit-prompt dataset trains, one whose rows share no start is refused."""
+    implicit = conversational.map(
+        lambda row: {"chosen": row["prompt"] + row["chosen"], "rejected": row["prompt"] + row["rejected"]},
+        remove_columns=["prompt"],
+    )
+    trainer = tdpo(tiny_model_path, implicit, tiny_tokenizer, tmp_path)
+    assert len(trainer.train_dataset) == len(implicit)
+
+    other_question = [user("Something else?"), assistant("No.")]
+    with pytest.raises(ValueError, match=r"^Row 6 .*no `prompt` column.*differ from their first message"):
+        tdpo(tiny_model_path, edit_rows(implicit, {6: {"rejected": other_question}}), tiny_tokenizer, tmp_path)
+    strings = Dataset.from_dict({"chosen": ["Yes it is.", "Sure."], "rejected": ["It is not.", "Sure not."]})
+    with pytest.raises(ValueError, match=r"^Row 0 .*differ from their first character: the prompt is empty"):
+        tdpo(tiny_model_path, strings, tiny_tokenizer, tmp_path)
+
+
+def test_streamed_rows_are_checked_as_they_are_read(tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    """An IterableDataset cannot be checked before training: the first row is checked at init, the others when
+    they are read."""
+    with pytest.raises(ValueError, match=r"^Row 0 of the train dataset \(an IterableDataset.*the prompt is empty"):
+        tdpo(tiny_model_path, edit_rows(standard, {0: {"prompt": ""}}).to_iterable_dataset(), tiny_tokenizer, tmp_path)
+    trainer = tdpo(
+        tiny_model_path, edit_rows(standard, {6: {"chosen": ""}}).to_iterable_dataset(), tiny_tokenizer, tmp_path
+    )
+    trainer.args.max_steps = 4
+    with pytest.raises(
+        ValueError, match=r"^Row 6 of the train dataset \(an IterableDataset.*chosen completion is empty"
+    ):
+        trainer.train()
+    # Documented exception: a streamed row whose prompt fills `max_length` is dropped, as DPOTrainer drops it (a
+    # stream cannot be checked before training, and failing hours into a run would lose more than the row)
+    prompt_lengths = [len(tiny_tokenizer(prompt)["input_ids"]) for prompt in standard["prompt"]]
+    max_length = sorted(prompt_lengths)[len(prompt_lengths) // 2]
+    trainer = tdpo(tiny_model_path, standard.to_iterable_dataset(), tiny_tokenizer, tmp_path, max_length=max_length)
+    kept = list(trainer.train_dataset)
+    assert len(kept) == sum(n < max_length for n in prompt_lengths)
+
+
+# ------------------------------------------------------------------------------------------------- token counts
+
+
+def test_prompt_filling_max_length_is_refused_not_dropped(tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    """DPOTrainer silently drops rows whose prompt alone fills `max_length` (keep_start); the trainers name them."""
+    prompt_lengths = [len(tiny_tokenizer(prompt)["input_ids"]) for prompt in standard["prompt"]]
+    max_length = sorted(prompt_lengths)[len(prompt_lengths) // 2]  # about half of the prompts fill it
+    too_long = [i for i, n in enumerate(prompt_lengths) if n >= max_length]
+    with pytest.raises(ValueError) as error:
+        tdpo(tiny_model_path, standard, tiny_tokenizer, tmp_path, max_length=max_length)
+    message = str(error.value)
+    assert message.startswith(
+        f"Row {too_long[0]} of the train dataset: its prompt alone fills `max_length={max_length}` "
+        f"(prompt {prompt_lengths[too_long[0]]} tokens, chosen "
+    )
+    assert f"{len(too_long)} of its 16 rows keep no completion token (rows {', '.join(map(str, too_long))})" in message
+    assert f"Raise `max_length` above the longest prompt ({max(prompt_lengths)} tokens)" in message
+    assert raised_by_our_check(error)
+
+    # With room for every prompt, nothing is dropped, and the collator still truncates to `max_length`
+    max_length = max(prompt_lengths) + 3
+    trainer = tdpo(tiny_model_path, standard, tiny_tokenizer, tmp_path, max_length=max_length)
+    assert len(trainer.train_dataset) == len(standard) and trainer.data_collator.max_length == max_length
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(standard))])
+    assert batch["input_ids"].size(1) == max_length
+    assert (batch["completion_mask"][:, 1:].sum(dim=1) > 0).all()
+    # keep_end keeps the end of every completion: no row is refused at the short max_length either
+    trainer = tdpo(
+        tiny_model_path, standard, tiny_tokenizer, tmp_path, max_length=max_length - 6, truncation_mode="keep_end"
+    )
+    assert len(trainer.train_dataset) == len(standard)
+
+
+def test_token_count_messages():
+    """A tokenized prompt that is empty (prompt and prompt+completion tokenize differently from the first token),
+    and a completion that tokenizes to nothing, are named with their lengths."""
+    args = TDPOConfig(output_dir="unused", use_cpu=True, report_to="none", max_length=None)
+    empty_prompt = Dataset.from_dict(
+        {"prompt_ids": [[1, 2], []], "chosen_ids": [[3, 4], [5]], "rejected_ids": [[6], [7]]}
+    )
+    with pytest.raises(
+        ValueError, match=r"^Row 1 .*tokenized prompt is empty \(prompt 0 tokens, chosen 1, rejected 1\)"
+    ):
+        TokenLevelDPOTrainer._check_token_counts(empty_prompt, "train", args)
+    empty_completion = Dataset.from_dict({"prompt_ids": [[1, 2]], "chosen_ids": [[3]], "rejected_ids": [[]]})
+    with pytest.raises(ValueError, match=r"^Row 0 .*its rejected completion keeps 0 of its 0 tokens"):
+        TokenLevelDPOTrainer._check_token_counts(empty_completion, "train", args)
+
+
+def test_vectorised_token_counts_match_the_collators_truncation():
+    """The vectorised count of trainable completion tokens equals the scalar rule TGDPO's collator uses."""
+    prompt_lens, completion_lens = np.meshgrid(np.arange(0, 7), np.arange(0, 7))
+    prompt_lens, completion_lens = prompt_lens.ravel(), completion_lens.ravel()
+    for max_length in (None, 2, 3, 5, 8):
+        for mode in ("keep_start", "keep_end"):
+            counts = _scored_completion_counts(prompt_lens, completion_lens, max_length, mode)
+            expected = []
+            for p, c in zip(prompt_lens, completion_lens):
+                start, stop, _ = _scored_completion_range(int(p), int(c), max_length, mode)
+                expected.append(max(stop - start, 0))
+            assert counts.tolist() == expected, (max_length, mode)
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_without_pad_token_warns_and_trains(tiny_model_path, tiny_tokenizer, standard, tmp_path, caplog):
+    """DPOTrainer pads with EOS when there is no pad token. Safe here (masks never compare ids with the pad id):
+    a warning, and the EOS ending each completion is still trained on."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token = None
+    with caplog.at_level(logging.WARNING):
+        trainer = tdpo(tiny_model_path, standard, tokenizer, tmp_path)
+    assert any("has no pad token, so batches are padded with its EOS token" in r.message for r in caplog.records)
+    eos_id = tiny_tokenizer.eos_token_id
+    assert trainer.data_collator.pad_token_id == eos_id
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    labels = batch["input_ids"][:, 1:]
+    mask = batch["completion_mask"][:, 1:].bool()
+    # Every completion ends with a trained EOS, although EOS is also the padding that follows it
+    last = mask.long().cumsum(dim=1).argmax(dim=1)
+    assert (labels[torch.arange(labels.size(0)), last] == eos_id).all()
+    assert (labels[~mask & (batch["attention_mask"][:, 1:] == 0)] == eos_id).all()
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_tokenizer_without_pad_nor_eos_is_refused(tiny_model_path, tiny_tokenizer, standard, conversational, tmp_path):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token, tokenizer.eos_token = None, None
+    with pytest.raises(ValueError, match=r"has neither a pad token nor an EOS token") as error:
+        tdpo(tiny_model_path, standard, tokenizer, tmp_path)
+    assert raised_by_our_check(error)
+    # A pad token but no EOS: fine for conversational data, refused for strings (DPOTrainer appends EOS to them)
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.eos_token = None
+    tdpo(tiny_model_path, conversational, tokenizer, tmp_path)
+    with pytest.raises(ValueError, match=r"appends the EOS token to string completions.*has no EOS token"):
+        tdpo(tiny_model_path, standard, tokenizer, tmp_path)
+
+
+def test_tokenizer_loaded_from_the_model_path_is_checked(tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    """Without `processing_class`, the tokenizer is loaded from the model's path (as DPOTrainer does) and checked."""
+    model_dir = tmp_path / "model"
+    AutoModelForCausalLM.from_pretrained(tiny_model_path).save_pretrained(model_dir)
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token, tokenizer.eos_token = None, None
+    tokenizer.save_pretrained(model_dir)
+    with pytest.raises(ValueError, match=r"has neither a pad token nor an EOS token"):
+        TDPOTrainer(model=str(model_dir), args=fast_args(tmp_path / "run"), train_dataset=standard)
+
+
+# -------------------------------------------------------------------------------------------- LM head and PEFT
+
+
+@pytest.mark.parametrize("method", ["tdpo", "tgdpo", "tbpo"])
+def test_lora_on_the_lm_head_is_refused(method, tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    trainer_class, config_class = {
+        "tdpo": (TDPOTrainer, TDPOConfig),
+        "tgdpo": (TGDPOTrainer, TGDPOConfig),
+        "tbpo": (TBPOTrainer, TBPOConfig),
+    }[method]
+    extra = {"guidance_model": tiny_model_path} if method == "tgdpo" else {}
+    with pytest.raises(ValueError, match=r"Applying a PEFT adapter to `lm_head` is not supported.*target_modules"):
+        trainer_class(
+            model=tiny_model_path,
+            args=fast_args(tmp_path, config_class),
+            train_dataset=standard,
+            processing_class=tiny_tokenizer,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"),
+            **extra,
+        )
+
+
+def test_trained_lm_head_copy_is_not_the_reference(tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    """PEFT's `modules_to_save=["lm_head"]` trains a copy of the LM head. The reference must keep the initial head:
+    its log-probs are those of the adapter-free model, and the per-token KL sees the trained head. (Before this was
+    checked, the reference used the trained copy, and the KL of the head stayed 0 whatever it learned.)"""
+    peft_config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    trainer = TDPOTrainer(
+        model=tiny_model_path,
+        args=fast_args(tmp_path),
+        train_dataset=standard,
+        processing_class=tiny_tokenizer,
+        peft_config=peft_config,
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if param.requires_grad and "lora_" not in name:  # the trained copy of the head
+                param.add_(torch.randn(param.shape, generator=generator))
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    mask = batch["completion_mask"][:, 1:].bool()
+    labels = batch["input_ids"][:, 1:].unsqueeze(-1)
+    model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        stats = trainer._policy_forward(trainer.model, batch, trainer._reference_hidden_states(batch)).stats
+        with trainer.model.disable_adapter():
+            ref_logits = trainer.model(**model_inputs).logits[:, :-1]
+        policy_logits = trainer.model(**model_inputs).logits[:, :-1]
+    ref_log_probs = F.log_softmax(ref_logits.float(), -1).gather(-1, labels).squeeze(-1)
+    policy_log_probs = F.log_softmax(policy_logits.float(), -1).gather(-1, labels).squeeze(-1)
+    torch.testing.assert_close(stats.log_probs[mask], policy_log_probs[mask], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stats.ref_log_probs[mask], ref_log_probs[mask], rtol=1e-4, atol=1e-4)
+    assert stats.forward_kl[mask].mean() > 1e-3
+
+
+def test_trainable_token_rows_of_the_lm_head_are_refused(tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    """PEFT's `trainable_token_indices` on the LM head would fail at the first step inside PEFT (its wrapper has no
+    `bias`): refused at init instead."""
+    peft_config = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"lm_head": [5, 9]})
+    with pytest.raises(
+        ValueError, match=r"`trainable_token_indices` on the LM head is not supported.*modules_to_save"
+    ):
+        TDPOTrainer(
+            model=tiny_model_path,
+            args=fast_args(tmp_path),
+            train_dataset=standard,
+            processing_class=tiny_tokenizer,
+            peft_config=peft_config,
+        )
+
+
+def load_4bit(path, **quantization):
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    del bitsandbytes
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, **quantization)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=config), config
+    except Exception as error:  # bitsandbytes imports but has no usable 4-bit backend on this platform
+        pytest.skip(f"bitsandbytes cannot load a 4-bit model here: {error}")
+
+
+def test_4bit_lm_head_is_refused(tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    """An explicit `llm_int8_skip_modules` replaces bitsandbytes' default list (which keeps the LM head in full
+    precision): the quantized head is refused at init, for a model instance and for a path with a config alike."""
+    model, config = load_4bit(tiny_model_path, llm_int8_skip_modules=[])
+    assert type(model.lm_head.weight).__name__ == "Params4bit"
+    lora = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match=r"The LM head is quantized \(Params4bit\).*add the LM head's name") as e:
+        TDPOTrainer(
+            model=model,
+            args=fast_args(tmp_path),
+            train_dataset=standard,
+            processing_class=tiny_tokenizer,
+            peft_config=lora,
+        )
+    assert raised_by_our_check(e)
+    with pytest.raises(ValueError, match=r"The LM head is quantized \(Params4bit\)"):
+        TDPOTrainer(
+            model=tiny_model_path,
+            args=fast_args(tmp_path),
+            train_dataset=standard,
+            processing_class=tiny_tokenizer,
+            peft_config=lora,
+            quantization_config=config,
+        )
+    # bitsandbytes' default keeps the head in full precision: accepted
+    model, _ = load_4bit(tiny_model_path)
+    TDPOTrainer(
+        model=model,
+        args=fast_args(tmp_path),
+        train_dataset=standard,
+        processing_class=tiny_tokenizer,
+        peft_config=lora,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+# Only the values the trainer tests do not already refuse: NaN and inf (which pass a `x <= 0` test), and the
+# truncation settings that DPOTrainer would only reject at the first batch.
+
+
+@pytest.mark.parametrize("config_class", [TDPOConfig, TGDPOConfig, TBPOConfig])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(beta=math.nan), r"`beta` must be positive and finite, got nan"),
+        (dict(beta=math.inf), r"`beta` must be positive and finite, got inf"),
+        (dict(max_length=1), r"`max_length` must be at least 2, or None"),
+        (dict(truncation_mode="middle"), r"`truncation_mode` must be 'keep_start' or 'keep_end', got 'middle'"),
+    ],
+)
+def test_shared_config_values(config_class, kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        config_class(output_dir=str(tmp_path), use_cpu=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "config_class, kwargs, message",
+    [
+        (TDPOConfig, dict(alpha=math.nan), r"`alpha` must be non-negative and finite, got nan"),
+        (TDPOConfig, dict(alpha=math.inf), r"`alpha` must be non-negative and finite"),
+        (TGDPOConfig, dict(alpha=math.nan), r"`alpha` must be a finite number >= 0"),
+        (TBPOConfig, dict(baseline_weight_decay=math.inf), r"`baseline_weight_decay` must be >= 0 and finite"),
+    ],
+)
+def test_method_config_values(config_class, kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        config_class(output_dir=str(tmp_path), use_cpu=True, **kwargs)
