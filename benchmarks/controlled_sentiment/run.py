@@ -1,0 +1,444 @@
+"""
+The TDPO paper's controlled-sentiment experiment (§5.1, Fig. 3), offline and at CPU scale, end to end.
+
+    python -m benchmarks.controlled_sentiment.run --output-dir outputs/controlled_sentiment
+
+Stages (each timed): a BPE tokenizer and a small Llama built from scratch; SFT on synthetic reviews of mixed
+sentiment; preference pairs sampled from the SFT model and labelled by the programmatic sentiment reward; DPO, TDPO1,
+TDPO2 (α ∈ {0.5, 1, 2}), TGDPO (guided by the DPO model), TBPO-A and TBPO-Q, each at several β, evaluated every few
+steps on held-out prompts; then the report: `docs/reproduction.md` with the reward-KL frontier, the chosen/rejected
+sequential-KL curves and the results table. Everything intermediate (models, data, `results.json`) goes to
+`--output-dir`.
+
+`--quick` runs the same pipeline with tiny sizes and a handful of steps (the smoke test), and writes its report into
+the output directory instead of `docs/`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DOC = REPO_ROOT / "docs" / "reproduction.md"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.controlled_sentiment.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--output-dir", default="outputs/controlled_sentiment", help="Where models, data and results go."
+    )
+    parser.add_argument(
+        "--doc",
+        default=None,
+        help="Report path (default: docs/reproduction.md; with --quick, OUTPUT_DIR/reproduction.md).",
+    )
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes and a handful of steps: a smoke test.")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--methods", nargs="+", default=None, help="Subset of methods (default: all).")
+    parser.add_argument("--betas", nargs="+", type=float, default=None)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--sft-steps", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="Preference runs in parallel (processes).")
+    parser.add_argument("--threads-per-worker", type=int, default=None, help="torch threads of each run.")
+    parser.add_argument(
+        "--main-threads",
+        type=int,
+        default=None,
+        help="torch threads for SFT and pair sampling (default: workers x threads-per-worker). 1 is faster on a "
+        "machine that other jobs load.",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="Reuse the SFT model and pairs in OUTPUT_DIR when their settings match."
+    )
+    parser.add_argument(
+        "--replicates",
+        nargs="+",
+        default=None,
+        help="Output directories of runs with other seeds, whose claim verdicts the report adds.",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="Rewrite the report from OUTPUT_DIR/results.json without running anything (the recorded command is kept).",
+    )
+    return parser.parse_args(argv)
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .pipeline import ExperimentConfig, quick_config
+
+    config = quick_config() if args.quick else ExperimentConfig()
+    overrides = {
+        "seed": args.seed,
+        "methods": tuple(args.methods) if args.methods else None,
+        "betas": tuple(args.betas) if args.betas else None,
+        "max_steps": args.max_steps,
+        "learning_rate": args.learning_rate,
+        "eval_every": args.eval_every,
+        "sft_steps": args.sft_steps,
+        "workers": args.workers,
+        "threads_per_worker": args.threads_per_worker,
+        "main_threads": args.main_threads,
+    }
+    config = replace(config, **{key: value for key, value in overrides.items() if value is not None})
+    if config.guidance_beta not in config.betas:
+        config = replace(config, guidance_beta=config.betas[len(config.betas) // 2])
+    if config.curves_beta not in config.betas:
+        config = replace(config, curves_beta=config.betas[len(config.betas) // 2])
+    return config
+
+
+# Settings that determine the SFT model and the pairs: `--reuse` only reuses them when these match
+_DATA_KEYS = (
+    "seed",
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "sft_reviews",
+    "sft_steps",
+    "sft_batch_size",
+    "sft_learning_rate",
+    "pair_prompt_draws",
+    "samples_per_prompt",
+    "max_new_tokens",
+    "num_held_out_prompts",
+    "num_eval_pairs",
+    "main_threads",
+)
+
+
+def _run_safely(spec) -> dict:
+    """`train_method`, with a failure recorded instead of raised: one broken method must not lose the others."""
+    from .pipeline import train_method
+
+    start = time.perf_counter()
+    try:
+        return train_method(spec)
+    except Exception as error:  # noqa: BLE001 - reported in the results and the doc
+        return {
+            "method": spec.method,
+            "beta": spec.beta,
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc(),
+            "wall_time_s": time.perf_counter() - start,
+        }
+
+
+def _quiet() -> None:
+    """No progress bars nor deprecation warnings from the libraries: the run prints its own progress."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(threads)
+    _quiet()
+
+
+def prepare_data(config, output_dir: Path, reuse: bool, timings: dict) -> dict:
+    """Stages 1-3: tokenizer and model, SFT, preference pairs. Returns the paths and data statistics."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .pipeline import (
+        build_model,
+        build_tokenizer,
+        held_out_prompts,
+        sample_preference_pairs,
+        sft_corpus,
+        train_sft,
+    )
+
+    sft_dir, data_dir = output_dir / "sft", output_dir / "data"
+    manifest_path = output_dir / "data_manifest.json"
+    data_settings = {key: getattr(config, key) for key in _DATA_KEYS}
+    if reuse and manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("settings") == data_settings and sft_dir.exists() and data_dir.exists():
+            print(f"Reusing the SFT model and pairs of {output_dir}")
+            timings.update(manifest["timings"])
+            timings["reused_sft_and_data"] = True
+            return manifest
+
+    train_prompts, held_out = held_out_prompts(config)
+    start = time.perf_counter()
+    tokenizer = build_tokenizer(config.vocab_size)
+    model = build_model(config, tokenizer)
+    timings["build_tokenizer_and_model_s"] = time.perf_counter() - start
+    num_parameters = sum(p.numel() for p in model.parameters())
+    print(f"[1/5] tokenizer ({len(tokenizer)} tokens) and Llama ({num_parameters:,} parameters) built")
+
+    start = time.perf_counter()
+    sft_history = train_sft(model, tokenizer, sft_corpus(config, train_prompts), config)
+    model.save_pretrained(sft_dir)
+    tokenizer.save_pretrained(sft_dir)
+    timings["sft_s"] = time.perf_counter() - start
+    print(f"[2/5] SFT: {config.sft_steps} steps, final loss {sft_history[-1]['loss']:.3f} ({timings['sft_s']:.0f} s)")
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(sft_dir)
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    train_rows, pair_stats = sample_preference_pairs(
+        model,
+        tokenizer,
+        train_prompts,
+        config.pair_prompt_draws,
+        config.samples_per_prompt,
+        config.max_new_tokens,
+        seed=config.seed + 2,
+    )
+    # Held-out pairs for the chosen/rejected sequential-KL curves: held-out prompts, never trained on
+    eval_rows, _ = sample_preference_pairs(
+        model,
+        tokenizer,
+        held_out,
+        2 * config.num_eval_pairs,  # twice as many draws as pairs needed: some are ties and are dropped
+        2,
+        config.max_new_tokens,
+        seed=config.seed + 3,
+    )
+    eval_rows = eval_rows[: config.num_eval_pairs]
+    if not train_rows or not eval_rows:
+        raise RuntimeError(
+            f"The SFT model gave {len(train_rows)} train and {len(eval_rows)} held-out pairs: its completions carry no "
+            "sentiment (every reward ties). Train it longer (--sft-steps)."
+        )
+    data = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(train_rows),
+            "eval_pairs": datasets.Dataset.from_list(eval_rows),
+            "held_out_prompts": datasets.Dataset.from_dict({"prompt": held_out}),
+        }
+    )
+    data.save_to_disk(str(data_dir))
+    timings["preference_pairs_s"] = time.perf_counter() - start
+    print(
+        f"[3/5] {len(train_rows)} train pairs (chosen reward {pair_stats['chosen_reward_mean']:.3f}, rejected "
+        f"{pair_stats['rejected_reward_mean']:.3f}), {len(eval_rows)} held-out pairs ({timings['preference_pairs_s']:.0f} s)"
+    )
+    manifest = {
+        "settings": data_settings,
+        "sft_path": str(sft_dir),
+        "data_dir": str(data_dir),
+        "num_parameters": num_parameters,
+        "vocab_size": len(tokenizer),
+        "sft_history": sft_history,
+        "pair_stats": pair_stats,
+        "num_eval_pairs": len(eval_rows),
+        "examples": train_rows[:3],
+        "timings": dict(timings),
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def run_methods(config, manifest: dict, output_dir: Path) -> list[dict]:
+    """Stage 4: every (method, β) run, in `config.workers` processes; TGDPO runs once its DPO guide is trained."""
+    from .pipeline import RunSpec, method_available
+
+    config_dict = asdict(config)
+    guidance_dir = output_dir / "runs" / f"dpo_beta{config.guidance_beta}"
+    specs, skipped = [], []
+    for method in config.methods:
+        available, reason = method_available(method)
+        if not available:
+            skipped.append({"method": method, "error": f"not importable: {reason}", "skipped": True})
+            print(f"      skipping {method}: {reason}")
+            continue
+        for beta in config.betas:
+            specs.append(
+                RunSpec(
+                    method=method,
+                    beta=beta,
+                    sft_path=manifest["sft_path"],
+                    data_dir=manifest["data_dir"],
+                    output_dir=str(output_dir / "runs" / f"{method}_beta{beta}"),
+                    config=config_dict,
+                    guidance_path=str(guidance_dir) if method == "tgdpo" else None,
+                    save_model=method == "dpo" and beta == config.guidance_beta,
+                )
+            )
+    if any(spec.method == "tgdpo" for spec in specs) and not any(spec.save_model for spec in specs):
+        skipped += [
+            {"method": "tgdpo", "beta": s.beta, "error": "no DPO guide (dpo not run)"}
+            for s in specs
+            if s.method == "tgdpo"
+        ]
+        specs = [spec for spec in specs if spec.method != "tgdpo"]
+    # The guide first, TGDPO only once it is saved
+    specs.sort(key=lambda spec: (not spec.save_model, spec.method == "tgdpo"))
+    results = []
+
+    def report(result):
+        status = (
+            result.get("error")
+            or f"final reward {result['evals'][-1]['reward']:.3f}, seq KL {result['evals'][-1]['seq_kl']:.2f}"
+        )
+        print(f"      {result['method']:<12} β={result['beta']:<5} {result['wall_time_s']:6.1f} s  {status}")
+        results.append(result)
+
+    waiting = [spec for spec in specs if spec.method == "tgdpo"]
+    queue = [spec for spec in specs if spec.method != "tgdpo"]
+    guide_done = False
+    if config.workers <= 1:
+        _worker_init(config.threads_per_worker)
+        for spec in queue + waiting:
+            report(_run_safely(spec))
+        return results + skipped
+
+    context = get_context("spawn")
+    with ProcessPoolExecutor(
+        config.workers, mp_context=context, initializer=_worker_init, initargs=(config.threads_per_worker,)
+    ) as pool:
+        running = {}
+        while queue or waiting or running:
+            if guide_done and waiting:
+                queue += waiting
+                waiting = []
+            while queue and len(running) < config.workers:
+                spec = queue.pop(0)
+                running[pool.submit(_run_safely, spec)] = spec
+            if not running:  # only TGDPO left, and its guide failed
+                for spec in waiting:
+                    report(
+                        {
+                            "method": spec.method,
+                            "beta": spec.beta,
+                            "error": "the DPO guide run failed",
+                            "wall_time_s": 0.0,
+                        }
+                    )
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                spec = running.pop(future)
+                result = future.result()
+                report(result)
+                if spec.save_model:
+                    # On failure TGDPO stays waiting, and is reported as failed once nothing else runs
+                    guide_done = "error" not in result
+    return results + skipped
+
+
+def _replicates(args: argparse.Namespace) -> list[dict]:
+    return [json.loads((Path(path) / "results.json").read_text()) for path in args.replicates or []]
+
+
+def _cpu_time_of_all_processes() -> float | None:
+    """CPU seconds (user + system) of this process and of its finished children (the run workers): what the
+    experiment costs, whatever else shares the cores."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    usages = [resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)]
+    return sum(usage.ru_utime + usage.ru_stime for usage in usages)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, even in a log file
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+    import trl
+
+    _quiet()
+    config = _config_from_args(args)
+    torch.set_num_threads(config.main_threads or max(1, config.workers * config.threads_per_worker))
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    doc_path = Path(args.doc) if args.doc else (output_dir / "reproduction.md" if config.quick else DEFAULT_DOC)
+    command = "python -m benchmarks.controlled_sentiment.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.report_only:
+        from .report import write_report
+
+        results = json.loads((output_dir / "results.json").read_text())
+        if args.doc is None and results["config"]["quick"]:
+            doc_path = output_dir / "reproduction.md"
+        print(f"Report rewritten to {write_report(results, doc_path, _replicates(args))}")
+        return results
+
+    total_start = time.perf_counter()
+    timings: dict = {}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    manifest = prepare_data(config, output_dir, args.reuse, timings)
+
+    from .pipeline import evaluate_sft
+
+    start = time.perf_counter()
+    sft_eval = evaluate_sft(manifest["sft_path"], manifest["data_dir"], config)
+    timings["sft_eval_s"] = time.perf_counter() - start
+    print(f"[4/5] SFT model on held-out prompts: reward {sft_eval['reward']:.3f}, entropy {sft_eval['entropy']:.3f}")
+
+    start = time.perf_counter()
+    runs = run_methods(config, manifest, output_dir)
+    timings["preference_training_s"] = time.perf_counter() - start
+    timings["per_run_s"] = {f"{r['method']}@{r.get('beta')}": r.get("wall_time_s") for r in runs}
+
+    results = {
+        "command": command,
+        "config": asdict(config),
+        "manifest": manifest,
+        "sft_eval": sft_eval,
+        "runs": runs,
+        "timings": timings,
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average_at_start": load,
+            "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+    }
+    from .report import write_report
+
+    start = time.perf_counter()
+    timings["total_s"] = time.perf_counter() - total_start
+    timings["cpu_total_s"] = _cpu_time_of_all_processes()
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    write_report(results, doc_path, _replicates(args))
+    timings["report_s"] = time.perf_counter() - start
+    timings["total_s"] = time.perf_counter() - total_start
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    write_report(results, doc_path, _replicates(args))  # again, with the final timings
+    print(f"[5/5] report written to {doc_path} (total {timings['total_s']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
