@@ -16,8 +16,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
+    """Session-scoped, so module- and session-scoped fixtures (e.g. a reference run) use the same thread count as
+    the tests that compare against them: CPU matmuls sum in another order with another thread count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
