@@ -1,0 +1,474 @@
+"""The trainer comparison of `bench_trainers.py` on a CUDA GPU: a 7B-class model with LoRA (and QLoRA when
+bitsandbytes is installed) at sequence length 1024, reporting tokens/s and peak GPU memory.
+
+    # a model from the Hub or a local folder
+    python benchmarks/gpu_7b.py --model meta-llama/Llama-2-7b-hf
+    # no Hub access (e.g. an air-gapped GPU machine): a randomly initialised model of Llama-3-8B's shapes,
+    # built once into --work-dir (bf16, ~16 GB on disk); the speed and memory of a step do not depend on the weights
+    python benchmarks/gpu_7b.py --model random:llama3-8b
+    # check the plan, the arguments, the tokenizer and the data without a GPU and without loading the model
+    python benchmarks/gpu_7b.py --model PATH_OR_ID --dry-run
+
+Every configuration runs in its own process (LoRA and QLoRA, then each trainer), one after the other, on the same
+data: `--pairs` preference pairs per step whose chosen and rejected completions fill exactly `--seq` tokens (prompt
+`seq/16`), bf16, gradient checkpointing (the TRL default), LoRA r=16 on every linear layer but the LM head, the
+reference being the model with its adapter disabled. After `--warmup` steps, the median of `--steps` steps gives
+tokens/s (2 × pairs × seq tokens per step) and `torch.cuda.max_memory_allocated` (reset after the trainer is built)
+the peak memory. Ratios are against `DPOTrainer` (sigmoid) in the same mode.
+
+Configurations: `dpo` (TRL's `DPOTrainer`, its fused LM head at TRL's GPU tiles), `tdpo1`, `tdpo2`, `tdpo2-naive`
+(full `[rows, L, V]` logits for both models, as the official TDPO code: expect it to need far more memory, or to run
+out of it), `tgdpo-fly` (a guidance model, `--guidance-model`, defaults to a second copy of `--model`), `tgdpo-pre`
+(token rewards precomputed first with `scripts/compute_token_rewards.py`), `tbpo-a`, `tbpo-q`.
+
+The results are printed, saved to `benchmarks/results/gpu-<timestamp>.json`, and written into `docs/benchmarks.md`
+between the `gpu_7b` markers (with the GPU's name, the CUDA and library versions). `--allow-cpu --model <tiny model>`
+runs the same code path on CPU (memory is then the peak RSS), to test this script without a GPU.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+CONFIGS = ("dpo", "tdpo1", "tdpo2", "tdpo2-naive", "tgdpo-fly", "tgdpo-pre", "tbpo-a", "tbpo-q")
+MODES = ("lora", "qlora")
+BEGIN, END = "<!-- gpu_7b:begin -->", "<!-- gpu_7b:end -->"
+# Shapes of randomly initialised 7B-class models (`--model random:NAME`): no download needed
+RANDOM_MODELS = {
+    "llama3-8b": {
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 500000.0,
+    },
+    "llama2-7b": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+    },
+}
+
+
+def _is_random(model: str) -> bool:
+    return model.startswith("random:")
+
+
+def bitsandbytes_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def resolve_model(args) -> str:
+    """A path or Hub id `from_pretrained` can load. `random:NAME` builds (once) a randomly initialised model of those
+    shapes, in bf16, with the offline tiny tokenizer (its vocabulary padded to the model's)."""
+    if not _is_random(args.model):
+        return args.model
+    name = args.model.split(":", 1)[1]
+    if name not in RANDOM_MODELS:
+        raise SystemExit(f"unknown random model {name!r}; choose one of {sorted(RANDOM_MODELS)}")
+    path = Path(args.work_dir) / f"random-{name}"
+    if (path / "config.json").exists():
+        return str(path)
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from trl_tokenpref.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        **RANDOM_MODELS[name],
+        max_position_embeddings=8192,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+    )
+    print(f"[setup] building a random {name} into {path}", file=sys.stderr, flush=True)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def plan(args) -> list[tuple[str, str]]:
+    modes = [m for m in args.modes if m != "qlora" or bitsandbytes_available()]
+    return [(mode, config) for mode in modes for config in args.configs]
+
+
+def setup(args, model_path: str) -> dict:
+    """The dataset (and, for `tgdpo-pre`, its precomputed token rewards), cached under --work-dir."""
+    from bench_trainers import make_dataset
+    from transformers import AutoTokenizer
+
+    work = Path(args.work_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    num_rows = args.pairs * (args.warmup + args.steps)
+    tag = Path(model_path).name if Path(model_path).exists() else model_path.replace("/", "--")
+    data = work / f"data-{tag}-L{args.seq}-rows{num_rows}.jsonl"
+    if not data.exists():
+        make_dataset(data, tokenizer, args.seq, num_rows)
+    paths = {"model": model_path, "data": str(data), "guidance": args.guidance_model or model_path}
+    if "tgdpo-pre" in args.configs and not args.dry_run:
+        out = work / f"rewards-{tag}-L{args.seq}-rows{num_rows}"
+        if not (out / "train.jsonl").exists():
+            command = [
+                sys.executable,
+                str(REPO / "scripts" / "compute_token_rewards.py"),
+                "--guidance_model",
+                paths["guidance"],
+                "--ref_model",
+                model_path,
+                "--dataset_path",
+                str(data),
+                "--output_dir",
+                str(out),
+                "--output_format",
+                "jsonl",
+                "--max_length",
+                str(args.seq),
+                "--batch_size",
+                "1",
+                "--dtype",
+                "bfloat16",
+            ]
+            print("[setup] " + " ".join(command), file=sys.stderr, flush=True)
+            subprocess.run(command, check=True)
+        paths["rewards"] = str(out / "train.jsonl")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Worker
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_trainer(mode: str, config: str, args, paths: dict, output_dir: str):
+    import torch
+    from bench_trainers import _patch_naive_stats
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    data_file = paths["rewards"] if config == "tgdpo-pre" else paths["data"]
+    dataset = load_dataset(
+        "json", data_files=data_file, split="train", cache_dir=str(Path(args.work_dir) / "hf-cache")
+    )
+    on_gpu = torch.cuda.is_available()
+    model_init_kwargs = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
+    if mode == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        model_init_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if on_gpu:
+        model_init_kwargs["device_map"] = {"": torch.cuda.current_device()}
+    common = {
+        "output_dir": output_dir,
+        "max_steps": args.warmup + args.steps,
+        "per_device_train_batch_size": args.pairs,
+        "learning_rate": 1e-6,
+        "max_length": args.seq,
+        "bf16": on_gpu,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "use_cpu": not on_gpu,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1000,
+        "disable_tqdm": True,
+        "model_init_kwargs": model_init_kwargs,
+        "seed": 0,
+    }
+    peft_config = LoraConfig(
+        r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    kwargs = {"model": paths["model"], "train_dataset": dataset, "processing_class": tokenizer}
+    kwargs["peft_config"] = peft_config
+    if config == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOTrainer(args=DPOConfig(**common), **kwargs)
+    if config.startswith("tdpo"):
+        from trl_tokenpref import TDPOConfig, TDPOTrainer
+
+        if config == "tdpo2-naive":
+            _patch_naive_stats()
+        return TDPOTrainer(args=TDPOConfig(variant=config[:5], **common), **kwargs)
+    if config.startswith("tgdpo"):
+        from trl_tokenpref.tgdpo import TGDPOConfig, TGDPOTrainer
+
+        if config == "tgdpo-fly":
+            # Loaded with the policy's `model_init_kwargs` (so in 4 bits under QLoRA), frozen
+            kwargs["guidance_model"] = paths["guidance"]
+        return TGDPOTrainer(args=TGDPOConfig(**common), **kwargs)
+    if config.startswith("tbpo"):
+        from trl_tokenpref.tbpo import TBPOConfig, TBPOTrainer
+
+        return TBPOTrainer(args=TBPOConfig(variant=config.replace("-", "_"), **common), **kwargs)
+    raise ValueError(config)
+
+
+def worker(args) -> dict:
+    import tempfile
+
+    import torch
+    from _memory import PeakMemory
+    from transformers import TrainerCallback
+
+    mode, config = args.worker.split("/")
+    paths = json.loads(args.paths)
+    on_gpu = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = build_trainer(mode, config, args, paths, output_dir)
+
+        class StepTimer(TrainerCallback):
+            def __init__(self):
+                self.times = []
+
+            def on_step_begin(self, *_, **__):
+                sync()
+                self.start = time.perf_counter()
+
+            def on_step_end(self, *_, **__):
+                sync()
+                self.times.append(time.perf_counter() - self.start)
+
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        with PeakMemory() as rss:
+            trainer.train()
+    times = timer.times[args.warmup :]
+    step_s = statistics.median(times)
+    result = {
+        "mode": mode,
+        "config": config,
+        "step_s": step_s,
+        "tokens_per_s": 2 * args.pairs * args.seq / step_s,
+        "times": times,
+    }
+    if on_gpu:
+        result.update(
+            peak_gb=torch.cuda.max_memory_allocated() / 2**30,
+            peak_reserved_gb=torch.cuda.max_memory_reserved() / 2**30,
+            base_gb=base / 2**30,
+        )
+    else:
+        result.update(peak_gb=rss.peak_rss_mb / 1024, peak_reserved_gb=None, base_gb=rss.start_rss_mb / 1024)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Runner and report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def hardware() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu_memory_gb": torch.cuda.get_device_properties(0).total_memory / 2**30
+        if torch.cuda.is_available()
+        else None,
+    }
+    try:
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:  # noqa: BLE001
+        info["bitsandbytes"] = None
+    try:
+        info["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        info["driver"] = None
+    return info
+
+
+def render(meta: dict, results: list[dict]) -> str:
+    hw = meta["hardware"]
+    lines = [
+        BEGIN,
+        "",
+        f"Generated by `{meta['command']}` on {meta['date']}.",
+        "",
+        f"- Hardware: {hw['gpu'] or 'CPU (no CUDA GPU: a code-path test, not a measurement)'}"
+        + (f" ({hw['gpu_memory_gb']:.0f} GiB), driver {hw['driver']}, CUDA {hw['cuda']}" if hw["gpu"] else "")
+        + ".",
+        f"- Software: torch {hw['torch']}, transformers {hw['transformers']}, trl {hw['trl']}, "
+        f"bitsandbytes {hw['bitsandbytes']}.",
+        f"- Model: `{meta['model']}`; LoRA r={meta['lora_r']} on all linear layers (LM head excluded); "
+        f"{meta['pairs']} pair(s) × {meta['seq']} tokens per step; bf16; gradient checkpointing "
+        f"{'on' if meta['gradient_checkpointing'] else 'off'}; median of {meta['steps']} steps after {meta['warmup']}.",
+        "",
+        "| mode | config | s/step | tokens/s | × DPO time | peak GiB | × DPO memory |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    base = {r["mode"]: r for r in results if r.get("config") == "dpo" and "error" not in r}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['config']} | failed: {r['error'][:100]} |||||")
+            continue
+        b = base.get(r["mode"])
+        time_ratio = f"{r['step_s'] / b['step_s']:.2f}" if b else "–"
+        mem_ratio = f"{r['peak_gb'] / b['peak_gb']:.2f}" if b else "–"
+        lines.append(
+            f"| {r['mode']} | {r['config']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {time_ratio} | "
+            f"{r['peak_gb']:.1f} | {mem_ratio} |"
+        )
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_page(path: Path, block: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n## GPU: 7B-class model, LoRA / QLoRA\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="path, Hub id, or random:llama3-8b / random:llama2-7b")
+    parser.add_argument("--guidance-model", default=None, help="guidance model of tgdpo-* (default: --model)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument(
+        "--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", help="(TRL default: on)"
+    )
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
+    parser.add_argument("--work-dir", default=str(REPO / "outputs" / "bench-gpu"))
+    parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--dry-run", action="store_true", help="check arguments, tokenizer and data; run nothing")
+    parser.add_argument("--allow-cpu", action="store_true", help="run on CPU (code-path test with a tiny model)")
+    for hidden in ("--worker", "--paths"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+
+    import torch
+
+    runs = plan(args)
+    skipped_qlora = "qlora" in args.modes and not bitsandbytes_available()
+    print(f"model: {args.model}; seq {args.seq}, {args.pairs} pair(s)/step, {args.warmup}+{args.steps} steps")
+    print(f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+    if skipped_qlora:
+        print("QLoRA: skipped (bitsandbytes is not installed)")
+    for mode, config in runs:
+        print(f"  would run: {mode}/{config}" if args.dry_run else f"  {mode}/{config}")
+    if not torch.cuda.is_available() and not (args.dry_run or args.allow_cpu):
+        raise SystemExit("No CUDA GPU here. Use --dry-run to check the set-up, or --allow-cpu with a tiny model.")
+
+    if args.dry_run:
+        if _is_random(args.model):
+            name = args.model.split(":", 1)[1]
+            if name not in RANDOM_MODELS:
+                raise SystemExit(f"unknown random model {name!r}; choose one of {sorted(RANDOM_MODELS)}")
+            print(f"random model {name}: {RANDOM_MODELS[name]} (built on the first real run)")
+            return
+        paths = setup(args, args.model)  # loads the tokenizer and writes the data: catches a bad path or tokenizer
+        print(f"data: {paths['data']}")
+        print("dry run: nothing trained")
+        return
+
+    model_path = resolve_model(args)
+    paths = setup(args, model_path)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(BENCH_DIR), os.environ.get("PYTHONPATH", "")]),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    results = []
+    for mode, config in runs:
+        command = [sys.executable, __file__, f"--worker={mode}/{config}", f"--paths={json.dumps(paths)}"]
+        command += [f"--seq={args.seq}", f"--pairs={args.pairs}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
+        command += [f"--lora-r={args.lora_r}", f"--work-dir={args.work_dir}", f"--model={args.model}"]
+        if not args.gradient_checkpointing:
+            command.append("--no-gradient-checkpointing")
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode == 0 and lines:
+                result = json.loads(lines[-1][len("RESULT ") :])
+            else:
+                stderr = (proc.stderr or "no output").strip().splitlines()
+                out_of_memory = any("OutOfMemoryError" in line or "out of memory" in line for line in stderr)
+                error = "out of GPU memory" if out_of_memory else stderr[-1]
+                result = {"mode": mode, "config": config, "error": error, "stderr_tail": stderr[-30:]}
+        except subprocess.TimeoutExpired:
+            result = {"mode": mode, "config": config, "error": f"timeout after {args.timeout} s"}
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("times", "stderr_tail")}), flush=True)
+
+    meta = {
+        "command": "python benchmarks/gpu_7b.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "hardware": hardware(),
+        "model": args.model,
+        "lora_r": args.lora_r,
+        "pairs": args.pairs,
+        "seq": args.seq,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "gradient_checkpointing": args.gradient_checkpointing,
+    }
+    results_dir = BENCH_DIR / "results"
+    results_dir.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (results_dir / f"gpu-{stamp}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    block = render(meta, results)
+    print(block)
+    if not args.no_write and torch.cuda.is_available():
+        write_page(Path(args.out), block)
+
+
+if __name__ == "__main__":
+    main()
