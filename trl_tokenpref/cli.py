@@ -143,6 +143,8 @@ def train_and_save(trainer, script_args, training_args) -> None:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"🤗 Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
 
-    # Finish the trackers and destroy the process group
+    # Finish the trackers and destroy the process group. Every rank first waits for the others: a rank that tears
+    # down its gloo group while another still saves or logs can abort the launch at exit (seen in CI as SIGABRT)
+    trainer.accelerator.wait_for_everyone()
     if Version(transformers.__version__) >= Version("5.18.0"):
         trainer.end()
