@@ -5,7 +5,7 @@ results into `docs/benchmarks.md` (a Markdown table between generated markers, t
 plot into `docs/benchmarks.png`:
 
     python benchmarks/bench_trainers.py                      # the default sweep (V 32k/128k x L 256/1024)
-    python benchmarks/bench_trainers.py --quick              # a 2-3 minute smoke run (V 8k, L 128, 1 repeat)
+    python benchmarks/bench_trainers.py --quick              # a 3-5 minute smoke run (V 8k, L 128, 1 round)
     python benchmarks/bench_trainers.py --vocab 32000 --seq 256 --configs dpo-tuned tdpo2 --no-write
 
 How it measures:
