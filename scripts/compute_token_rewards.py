@@ -14,16 +14,18 @@ For every completion token y_t of every pair, it writes the token reward of TGDP
 
 into two new columns, `chosen_token_rewards` and `rejected_token_rewards`: one float32 per token of the completion as
 the trainer tokenizes it (the same tokenizer, chat template and EOS handling: the script runs the trainer's own
-tokenization and forward passes, `TGDPOTrainer` with `precompute_ref_log_probs=True`). Every other column is kept.
+tokenization and the same per-token precompute, `trl_tokenpref.tgdpo.token_rewards.compute_token_rewards`). Every
+other column is kept.
 
-* **β is baked in.** The values are r̂ at `--beta`; train with the same `beta` (the trainer cannot check it: a file
-  computed at β_s and trained at β acts as `alpha · β_s / β`). The β-free log-ratio is `r̂ / β`.
+* **β is baked in.** The values are r̂ at `--beta`; train with the same `beta` (a file computed at β_s and trained at
+  β acts as `alpha · β_s / β`; `scripts/run_tgdpo.py` and the trainer read β from the info file beside the data and
+  refuse a mismatch). The β-free log-ratio is `r̂ / β`.
 * **Truncation.** Values are computed on the sequences the trainer builds with `--max_length` and
   `--truncation_mode`; a token that truncation removes has no value (`null`). The trainer checks, before training,
   that every value it reads is present and finite, so a file computed with a shorter `max_length` than training is
   refused with the row named. With `truncation_mode="keep_start"` (the default), `--max_length 0` computes every token
   and the file then suits any training `max_length`. A row whose prompt alone fills `max_length` (no completion token
-  left) stops the script with an error naming the row, as it stops training: raise `--max_length` or drop the row.
+  left) gets no value; training drops such rows, as DPOTrainer does.
 * **The reference** must be the one training regularises toward (the policy's initial weights, as in the official
   code), and the guidance model must share its tokenizer (usually a DPO model trained from that reference).
 
@@ -52,9 +54,12 @@ trainer.train()
 ```
 
 # On CPU, offline, with the embedded tiny model and dataset
+A tiny model of another seed stands in for the guidance model (a real one is a DPO model trained from the reference;
+a guidance model equal to the reference gives r̂ ≡ 0, i.e. plain DPO, and the script warns about it):
 ```bash
-python -m trl_tokenpref.tiny outputs/tiny-model && python -m trl_tokenpref.data outputs/tiny-data
-python scripts/compute_token_rewards.py --guidance_model outputs/tiny-model --ref_model outputs/tiny-model \
+python -m trl_tokenpref.tiny outputs/tiny-model && python -m trl_tokenpref.tiny outputs/tiny-guidance --seed 1
+python -m trl_tokenpref.data outputs/tiny-data
+python scripts/compute_token_rewards.py --guidance_model outputs/tiny-guidance --ref_model outputs/tiny-model \
     --dataset_name outputs/tiny-data --output_dir outputs/tiny-data-token-rewards --output_format jsonl
 ```
 """
@@ -62,7 +67,6 @@ python scripts/compute_token_rewards.py --guidance_model outputs/tiny-model --re
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -81,11 +85,15 @@ def _max_length(value: str) -> int | None:
     return length
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every option's default in its help."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="compute_token_rewards.py",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     models = parser.add_argument_group("models")
     models.add_argument("--guidance_model", required=True, help="Path or Hub id of the guidance model π_guide.")
@@ -137,38 +145,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _token_reward_stats(dataset) -> dict:
-    """Number of scored tokens and statistics of r̂ per side: to pick `alpha` and, if needed, a weight clamp."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    from trl_tokenpref.tgdpo.tgdpo_trainer import TOKEN_REWARD_COLUMNS
-
-    table = dataset.select_columns(list(TOKEN_REWARD_COLUMNS)).with_format("arrow")[:]
-    stats = {}
-    for column in TOKEN_REWARD_COLUMNS:
-        values = pc.list_flatten(table[column]).drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
-        stats[column] = {
-            "tokens": int(values.size),
-            "mean": float(values.mean()) if values.size else None,
-            "std": float(values.std()) if values.size else None,
-            "max_abs": float(np.abs(values).max()) if values.size else None,
-        }
-    return stats
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse, before anything is computed, an output folder that is (or holds) the input data: writing there would
+    overwrite the data being read (`save_to_disk` refuses it, after the whole computation)."""
+    source = Path(args.dataset_name or args.dataset_path).expanduser()
+    if not source.exists():
+        return  # a Hub dataset
+    output, source = Path(args.output_dir).expanduser().resolve(), source.resolve()
+    if output == source or output in source.parents:
+        raise ValueError(
+            f"--output_dir {args.output_dir} is the input dataset's folder (or holds it): the output would overwrite "
+            "the data it is computed from. Choose another --output_dir."
+        )
 
 
 def compute_token_rewards(args: argparse.Namespace):
     """Compute the columns for every requested split; returns the `DatasetDict` with the new columns and the info."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    from datasets import DatasetDict, List, Value
+    from accelerate import Accelerator
+    from datasets import DatasetDict
     from transformers import AutoTokenizer
 
-    from trl_tokenpref import TGDPOConfig, TGDPOTrainer
+    from trl_tokenpref._compat import create_model_from_path
+    from trl_tokenpref.checks import check_local_path
     from trl_tokenpref.cli import load_preference_dataset
-    from trl_tokenpref.tgdpo.tgdpo_trainer import PER_TOKEN_COLUMNS, TOKEN_REWARD_COLUMNS
+    from trl_tokenpref.tgdpo.guidance import load_guidance_model
+    from trl_tokenpref.tgdpo.token_rewards import compute_token_rewards as compute
+    from trl_tokenpref.tgdpo.token_rewards import token_reward_stats
 
+    check_local_path(args.ref_model, "reference model")
+    check_local_path(args.guidance_model, "guidance model")
     dataset_name = args.dataset_name or args.dataset_path
     script_args = SimpleNamespace(
         dataset_name=dataset_name,
@@ -182,66 +187,53 @@ def compute_token_rewards(args: argparse.Namespace):
     if missing:
         raise ValueError(f"Split(s) {missing} not found in {dataset_name}; available: {list(dataset.keys())}.")
 
-    # Old per-token columns (e.g. a previous run's output) are recomputed, and the row index maps the trainer's
-    # tokenized rows (it drops the rows whose prompt alone fills `max_length`) back to the input rows
-    inputs = {}
-    for split in splits:
-        split_dataset = dataset[split]
-        stale = [column for column in PER_TOKEN_COLUMNS if column in split_dataset.column_names]
-        inputs[split] = split_dataset.remove_columns(stale).add_column(_ROW, np.arange(len(split_dataset)))
-
+    accelerator = Accelerator()
     tokenizer = AutoTokenizer.from_pretrained(
         args.tokenizer or args.ref_model, trust_remote_code=args.trust_remote_code
     )
     init_kwargs = {"dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
-    with tempfile.TemporaryDirectory() as scratch:
-        config = TGDPOConfig(
-            output_dir=scratch,  # nothing is trained or saved
+    ref_model = create_model_from_path(args.ref_model, **init_kwargs)
+    guidance_model = load_guidance_model(args.guidance_model, init_kwargs)
+    if guidance_model.config.get_text_config().vocab_size != ref_model.config.get_text_config().vocab_size:
+        raise ValueError(
+            f"The guidance model's vocabulary has {guidance_model.config.get_text_config().vocab_size} entries but "
+            f"the reference's has {ref_model.config.get_text_config().vocab_size}: r̂ compares the log-probabilities "
+            "of the same token ids, so both must use the same tokenizer."
+        )
+
+    outputs, info_splits = {}, {}
+    for split in splits:
+        output = compute(
+            dataset[split],
+            ref_model=ref_model,
+            guidance_model=guidance_model,
+            tokenizer=tokenizer,
             beta=args.beta,
             max_length=args.max_length,
             truncation_mode=args.truncation_mode,
-            precompute_ref_log_probs=True,
-            precompute_ref_batch_size=args.batch_size,
+            batch_size=args.batch_size,
             token_chunk_size=args.token_chunk_size,
-            model_init_kwargs=init_kwargs,
-            guidance_model_init_kwargs=init_kwargs,
-            dataset_num_proc=args.dataset_num_proc,
-            # The values are computed in the models' dtype: no autocast
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
-            report_to="none",
+            accelerator=accelerator,
+            name=split,
         )
-        # The reference is the "policy" of this trainer: with precomputed log-probs and no PEFT, DPOTrainer uses it as
-        # the reference and loads no second copy. The precompute (`TGDPOTrainer._precompute_ref_logps`) tokenizes
-        # each split as training will and stores r̂ = β·(log π_guide − log π_ref) per completion token.
-        trainer = TGDPOTrainer(
-            model=args.ref_model,
-            guidance_model=args.guidance_model,
-            args=config,
-            train_dataset=inputs[splits[0]],
-            eval_dataset={split: inputs[split] for split in splits[1:]} or None,
-            processing_class=tokenizer,
-        )
-        prepared = {splits[0]: trainer.train_dataset, **(trainer.eval_dataset or {})}
-
-    outputs, info_splits = {}, {}
-    features = List(Value("float32"))
-    for split in splits:
-        table = prepared[split].select_columns([_ROW, *TOKEN_REWARD_COLUMNS]).with_format("arrow")[:]
-        position = np.full(len(inputs[split]), -1, dtype=np.int64)
-        position[table[_ROW].to_numpy()] = np.arange(len(table))
-        take = pa.array(position, mask=position < 0)  # a null index gives a null list: a row the trainer drops
-        output = inputs[split].remove_columns(_ROW)
-        for column in TOKEN_REWARD_COLUMNS:
-            values = pc.take(table[column], take).combine_chunks().cast(pa.list_(pa.float32()))
-            output = output.add_column(column, values, feature=features)
         outputs[split] = output
+        stats = token_reward_stats(output)
         info_splits[split] = {
             "rows": len(output),
-            "rows_without_values": int((position < 0).sum()),
-            **_token_reward_stats(output),
+            # Rows that truncation leaves without a completion token: training drops them (as DPOTrainer does)
+            "rows_without_values": sum(
+                1
+                for chosen, rejected in zip(output["chosen_token_rewards"], output["rejected_token_rewards"])
+                if all(value is None for value in chosen) or all(value is None for value in rejected)
+            ),
+            **stats,
         }
+        if all((side["max_abs"] or 0.0) == 0.0 for side in stats.values()):
+            print(
+                f"Warning: every token reward of the {split} split is 0: the guidance model gives the same "
+                "log-probabilities as the reference (is it the same model?), so TGDPO on this data is exactly DPO. "
+                "The guidance model should be a different model, usually a DPO model trained from the reference."
+            )
 
     info = {
         "columns": {
@@ -288,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     if not args.beta > 0:
         raise ValueError(f"--beta must be positive, got {args.beta}.")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_output_dir(args)
     dataset, info = compute_token_rewards(args)
     paths = write_outputs(dataset, info, args.output_dir, args.output_format)
     for split, split_info in info["splits"].items():

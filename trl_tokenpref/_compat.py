@@ -1,10 +1,21 @@
-"""Every import of a TRL symbol that `trl` does not export at its top level, in one place.
+"""Every private member of an upstream library that the package relies on, in one place.
 
-TRL keeps these helpers out of its public API, so they may move or change between minor releases. We pin
-`trl>=1.16,<1.17` in `pyproject.toml` and `tests/test_compat.py` checks each symbol's contract, so an upgrade fails
-loudly there instead of deep inside a training run.
+TRL, transformers, accelerate and datasets keep these out of their public API, so they may move or change between
+minor releases. Each one is reached here, and only here, and `tests/test_compat.py` checks the contract we rely on, so
+that an upgrade fails loudly there instead of deep inside a training run. We pin `trl>=1.16,<1.17` in
+`pyproject.toml`: widen it only after the contract tests pass.
+
+Three kinds of reach-in:
+
+* **imports** of helpers that TRL does not export at its top level;
+* **accessors** for private attributes of upstream objects (a dataset's fingerprint, the accelerator's list of
+  prepared models, DPOTrainer's precompute state);
+* **override points**: private methods of `Trainer` / `DPOTrainer` that the trainers override, and private attributes
+  they read. A method cannot be renamed for us, so they are listed in [`OVERRIDDEN_METHODS`] and
+  [`DPO_TRAINER_ATTRIBUTES`], whose names and signatures the contract tests check.
 """
 
+import contextlib
 from importlib.metadata import version
 
 from packaging.version import Version
@@ -19,6 +30,9 @@ if not (Version("1.16.0") <= TRL_VERSION < Version("1.17.0")):
 
 # TRL's own chunked kernels: baselines in tests and benchmarks only. Our trainers use the fused pass in
 # `token_stats.py`, which computes log-probs, forward KL and entropy from one projection of each tile.
+import trl.kernels.chunked_divergence as _trl_chunked_divergence  # noqa: E402
+import trl.kernels.chunked_logprob as _trl_chunked_logprob  # noqa: E402
+import trl.trainer.utils as _trl_trainer_utils  # noqa: E402
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # noqa: E402
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: E402
 
@@ -28,8 +42,9 @@ from trl.models import prepare_deepspeed, prepare_fsdp  # noqa: E402
 # Reference pass without gradient checkpointing (avoids a PyTorch warning under reentrant checkpointing).
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
-# The collator DPOTrainer uses (a public class in a non-top-level module).
-from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
+# The collator DPOTrainer uses (a public class in a non-top-level module), and the trainer whose tokenization
+# `tokenize_preference_dataset` reuses.
+from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer  # noqa: E402
 
 # `maybe_gather_lm_head_ctx`: ZeRO-3 all-gather of the LM head while its weight is read directly.
 # `use_adapter`: reference pass under PEFT, with the adapter disabled (or the frozen "ref" adapter active).
@@ -44,17 +59,145 @@ from trl.trainer.utils import (  # noqa: E402
 )
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Override points: private methods of transformers' `Trainer` and TRL's `DPOTrainer` that the trainers override, with
+# the parameters they are called with. `tests/test_compat.py` checks each name and signature, and that upstream calls
+# them where we rely on it (e.g. `_precompute_ref_logps` during `__init__`).
+# ---------------------------------------------------------------------------------------------------------------------
+
+OVERRIDDEN_METHODS = {
+    # DPOTrainer: dataset preparation (row checks), the per-token precompute, the columns kept for the collator
+    "DPOTrainer._prepare_dataset": ("self", "dataset", "processing_class", "args", "dataset_name"),
+    "DPOTrainer._precompute_ref_logps": ("self", "dataset", "name", "batch_size"),
+    "DPOTrainer._set_signature_columns_if_needed": ("self",),
+    # Trainer: TBPO-Q saves and restores its baseline head and its optimizer beside the model's
+    "Trainer._save_optimizer_and_scheduler": ("self", "output_dir"),
+    "Trainer._load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
+    "Trainer._load_optimizer_and_scheduler": ("self", "checkpoint"),
+    "Trainer._load_best_model": ("self",),
+}
+
+# Private attributes of a DPOTrainer that the trainers read or write, and what they hold. The metrics are logged into
+# `_metrics` exactly as DPOTrainer logs its own, so that `log` averages and prints ours with its.
+DPO_TRAINER_ATTRIBUTES = {
+    "_metrics": "dict mode -> dict key -> list of floats, averaged and cleared by `log`",
+    "_total_train_tokens": "int, the running `num_tokens` count",
+    "_tp_size": "int, tensor-parallel degree dividing the token count",
+    "_signature_columns": "list of column names kept when `remove_unused_columns=True`",
+    "aux_loss_enabled": "bool, MoE router loss requested",
+    "router_aux_loss_coef": "float, its weight",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Accessors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def precompute_model_hash(trainer) -> str:
+    """The hash DPOTrainer computed of its reference model at init (rank 0's, before sharding): the part of the cache
+    key of precomputed reference values that says which model computed them."""
+    return trainer._precompute_model_hash
+
+
+def precompute_reference_model(trainer):
+    """The model that computes reference values before training, chosen as DPOTrainer's `_precompute_ref_logps` does.
+
+    Before `train`, DeepSpeed parameters are still on CPU (ZeRO-1/2) or sharded (ZeRO-3): without an explicit
+    reference, the policy is wrapped in an inference engine, built once and kept on the trainer for later passes.
+    """
+    if trainer.ref_model is None and trainer.is_deepspeed_enabled:
+        if trainer._precompute_engine is None:
+            trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
+        return trainer._precompute_engine
+    return trainer.ref_model or trainer.model
+
+
+def forget_prepared_model(accelerator, model) -> None:
+    """Drop `model` from the accelerator's list of prepared models, so that its memory can be freed:
+    `accelerator.prepare_model` keeps every prepared model alive in that list."""
+    accelerator._models = [prepared for prepared in accelerator._models if prepared is not model]
+
+
+def dataset_fingerprint(dataset) -> str:
+    """The fingerprint `datasets` keeps of a map-style dataset's content and transforms (its cache key)."""
+    return dataset._fingerprint
+
+
+def dataset_cache_file(dataset, fingerprint: str) -> str:
+    """The path of the cache file that `datasets` would use for a transform of `dataset` with this fingerprint (in the
+    dataset's own cache directory, so every process of a run finds it)."""
+    return dataset._get_cache_file_path(fingerprint)
+
+
+def attn_implementation(config) -> str | None:
+    """The attention implementation a loaded model uses (`config._attn_implementation`), to load a second model of the
+    run the same way."""
+    return config._attn_implementation
+
+
+def tokenize_preference_dataset(dataset, processing_class, args, dataset_name: str):
+    """DPOTrainer's dataset preparation (prompt extraction, EOS, tokenization, its `max_length` filter) without a
+    trainer, so that a script tokenizes exactly as training will. It reads only the trainer's text tokenizer."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    holder = _TokenizerHolder(tokenizer)
+    return DPOTrainer._prepare_dataset(holder, dataset, processing_class, args, dataset_name)
+
+
+class _TokenizerHolder:
+    """What `DPOTrainer._prepare_dataset` reads of its trainer."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+
+@contextlib.contextmanager
+def trl_lm_head_tiles(token_tile: int, vocab_tile: int):
+    """Set the tiles of TRL's chunked log-prob kernel (the fused LM head of `DPOTrainer`) and of its chunked
+    divergence kernel, then restore them. For benchmarks only: TRL's defaults (4096 tokens x 32768 columns) are tuned
+    for GPUs and run 1.5-1.8x slower on CPU than a CPU-sized tile (docs/benchmarks.md)."""
+    saved = (
+        _trl_chunked_logprob.TOKEN_CHUNK_SIZE,
+        _trl_trainer_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
+        _trl_chunked_divergence.TOKEN_CHUNK_SIZE,
+        _trl_chunked_divergence.VOCAB_CHUNK_SIZE,
+    )
+    _trl_chunked_logprob.TOKEN_CHUNK_SIZE = token_tile
+    _trl_trainer_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab_tile
+    _trl_chunked_divergence.TOKEN_CHUNK_SIZE = token_tile
+    _trl_chunked_divergence.VOCAB_CHUNK_SIZE = vocab_tile
+    try:
+        yield
+    finally:
+        (
+            _trl_chunked_logprob.TOKEN_CHUNK_SIZE,
+            _trl_trainer_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
+            _trl_chunked_divergence.TOKEN_CHUNK_SIZE,
+            _trl_chunked_divergence.VOCAB_CHUNK_SIZE,
+        ) = saved
+
+
 __all__ = [
+    "DPO_TRAINER_ATTRIBUTES",
+    "OVERRIDDEN_METHODS",
     "TRL_VERSION",
     "ChunkedDivergenceFunction",
     "ChunkedLogProbFunction",
     "DataCollatorForPreference",
+    "attn_implementation",
     "create_model_from_path",
+    "dataset_cache_file",
+    "dataset_fingerprint",
     "disable_dropout_in_model",
     "disable_gradient_checkpointing",
+    "forget_prepared_model",
     "hash_module",
     "maybe_gather_lm_head_ctx",
+    "precompute_model_hash",
+    "precompute_reference_model",
     "prepare_deepspeed",
     "prepare_fsdp",
+    "tokenize_preference_dataset",
+    "trl_lm_head_tiles",
     "use_adapter",
 ]

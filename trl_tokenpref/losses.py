@@ -10,6 +10,11 @@ Notation (``docs/ALGORITHMS.md`` §0 of the shared design notes): for one respon
 * ``κ_t = KL(π_ref(·|s_t) ‖ πθ(·|s_t))``, the per-position forward KL, and ``S^κ(y) = Σ_t m_t κ_t``;
 * ``w`` and ``l`` mark the chosen and rejected response of a pair, B is the number of pairs.
 
+The output contract: every loss returns a ``NamedTuple`` whose first field is ``losses`` (``[B]``, unreduced), whose
+middle fields are the loss's own intermediate tensors (for tests and callers), and whose last field is ``metrics``, a
+dict of the loss's own metrics by the name they are logged under, each a [`Metric`]. The trainers log the
+``metrics`` of any loss with one function (``TokenLevelDPOTrainer._log_metrics``).
+
 Numerics: inputs are upcast to at least float32 (float64 stays float64), log-sigmoids are computed with
 ``logsigmoid`` / ``softplus`` and the Bregman losses from log R, never from R. Masked positions are removed with
 ``torch.where`` before any arithmetic, so NaN / inf garbage in padding or prompt slots reaches neither the value
@@ -27,6 +32,7 @@ from torch import Tensor
 __all__ = [
     "BREGMAN_GENERATORS",
     "TDPO_VARIANTS",
+    "Metric",
     "TBPOLossOutput",
     "TDPOLossOutput",
     "TGDPOLossOutput",
@@ -37,6 +43,9 @@ __all__ = [
     "tbpo_loss",
     "tdpo_loss",
     "tgdpo_loss",
+    "sequential_kl_metrics",
+    "validate_generator",
+    "validate_log_ratio_clamp",
 ]
 
 TDPO_VARIANTS = ("tdpo1", "tdpo2")
@@ -73,16 +82,77 @@ def _same_shape(names: tuple[str, ...], tensors: tuple[Tensor, ...], ndim: int |
         raise ValueError(f"Expected {', '.join(names)} to have {ndim} dimension(s), got shape {shapes[0]}.")
 
 
-def _validate_generator(generator: str, generator_lambda: float, sba_scale: float) -> None:
+# Largest exponent of R (as a multiple of log R) in each generator's ℓ_h, evaluated at the clamp: ℓ_h must stay far
+# from float32's exp overflow (exp(88.7)), since per-token losses are also summed. "ba"/"sba" depend on λ.
+_MAX_SAFE_EXPONENT = 80.0
+
+
+def _exponent_coefficient(generator: str, generator_lambda: float) -> float:
+    """c such that the largest term of ℓ_h at |log R| ≤ clamp is exp(c · clamp) (BPO Table 2 closed forms)."""
+    if generator == "lr":
+        return 0.0  # softplus(log R) grows linearly
+    if generator == "kliep":
+        return 1.0  # R + log R
+    if generator == "lsif":
+        return 2.0  # R² − 2/R
+    # BA / SBA: R^{λ+1} and R^{−λ}, i.e. exp((λ+1) log R) and exp(−λ log R)
+    return max(generator_lambda + 1.0, abs(generator_lambda))
+
+
+def validate_generator(generator: str, generator_lambda: float, sba_scale: float) -> None:
+    """Refuse a Bregman generator that does not exist or parameters that make it non-convex. `TBPOConfig` calls it at
+    construction, `bregman_loss` and `tbpo_loss` at every call."""
     if generator not in BREGMAN_GENERATORS:
-        raise ValueError(f"Unknown Bregman generator {generator!r}; expected one of {BREGMAN_GENERATORS}.")
+        raise ValueError(
+            f"Unknown Bregman generator {generator!r}: `generator` must be one of {list(BREGMAN_GENERATORS)}. The "
+            "paper's default is 'sba'; 'lr' is DPO's logistic loss."
+        )
     if generator in ("ba", "sba") and not float(generator_lambda) > -1.0:
         raise ValueError(
-            f"`generator_lambda` must be > -1 for the {generator!r} generator (h(R) = (R^(1+λ) - R)/λ is strictly "
-            f"convex only for λ > -1; λ = 0 is its KLIEP limit), got {generator_lambda}."
+            f"`generator_lambda` must be > -1 for the {generator!r} generator, got {generator_lambda}: "
+            "h(R) = (R^(1+λ) − R)/λ is strictly convex only for λ > −1 (λ = 0 is its KLIEP limit). The paper's default "
+            "is 0."
         )
-    if generator == "sba":
-        _positive("sba_scale", sba_scale)
+    if generator == "sba" and not (float(sba_scale) > 0 and math.isfinite(sba_scale)):
+        raise ValueError(
+            f"`sba_scale` must be a finite number > 0, got {sba_scale}. The paper's default is 4 (DPO's gradient at "
+            "initialisation)."
+        )
+
+
+def validate_log_ratio_clamp(generator: str, generator_lambda: float, log_ratio_clamp: float) -> None:
+    """Refuse a clamp of log R at which the generator's loss overflows float32 (checked by `TBPOConfig`; the pure
+    loss computes in whatever dtype it is given)."""
+    if not (float(log_ratio_clamp) > 0 and math.isfinite(log_ratio_clamp)):
+        raise ValueError(
+            f"`log_ratio_clamp` must be a finite number > 0, got {log_ratio_clamp}. The official value is 30."
+        )
+    coefficient = _exponent_coefficient(generator, float(generator_lambda))
+    if coefficient * log_ratio_clamp > _MAX_SAFE_EXPONENT:
+        raise ValueError(
+            f"With generator={generator!r} (λ={generator_lambda}) and log_ratio_clamp={log_ratio_clamp}, the loss "
+            f"reaches exp({coefficient * log_ratio_clamp:g}), which overflows float32 (exp(88.7) is the largest finite "
+            f"value). Set `log_ratio_clamp` to at most {_MAX_SAFE_EXPONENT / coefficient:g}."
+        )
+
+
+class Metric(NamedTuple):
+    """A value a loss reports for logging: per pair (``values`` ``[B]``, ``mask`` None: logged as the mean over the
+    pairs) or per token (``values`` and a bool ``mask`` of the same shape: logged as the mean over the masked
+    tokens). Detached by the logger."""
+
+    values: Tensor
+    mask: Tensor | None = None
+
+
+def sequential_kl_metrics(chosen_kl: Tensor, rejected_kl: Tensor) -> dict[str, Metric]:
+    """`kl/chosen`, `kl/rejected`, `kl/margin`: the sequential KL S^κ of each completion (the official TDPO code's
+    `kl_{train,eval}/*`; the paper plots |margin|), logged by TDPO and TBPO-A."""
+    return {
+        "kl/chosen": Metric(chosen_kl),
+        "kl/rejected": Metric(rejected_kl),
+        "kl/margin": Metric(chosen_kl - rejected_kl),
+    }
 
 
 def sequence_sum(values: Tensor, mask: Tensor) -> Tensor:
@@ -146,6 +216,7 @@ class TDPOLossOutput(NamedTuple):
     losses: Tensor  # [B]
     chosen_rewards: Tensor  # [B], detached: β(S^ρ_w + S^κ_w)
     rejected_rewards: Tensor  # [B], detached: β(S^ρ_l + S^κ_l)
+    metrics: dict[str, Metric]  # kl/* and tdpo_rewards/*
 
 
 def tdpo_loss(
@@ -174,8 +245,9 @@ def tdpo_loss(
         variant: ``"tdpo1"`` or ``"tdpo2"``.
 
     Returns:
-        ``TDPOLossOutput(losses [B], chosen_rewards [B], rejected_rewards [B])``. The rewards are the paper's
+        ``TDPOLossOutput(losses [B], chosen_rewards [B], rejected_rewards [B], metrics)``. The rewards are the paper's
         Σ_t A_{π_ref}(s_t, y_t) = β(S^ρ + S^κ) (App. A.4, Eq. 59; the official code logs exactly this), detached.
+        ``metrics``: ``kl/{chosen,rejected,margin}`` and ``tdpo_rewards/{chosen,rejected,margins}``, per pair.
     """
     beta = _positive("beta", beta)
     if variant not in TDPO_VARIANTS:
@@ -198,7 +270,15 @@ def tdpo_loss(
 
     chosen_rewards = (beta * (chosen_logratios + chosen_kl)).detach()  # Eq. 59
     rejected_rewards = (beta * (rejected_logratios + rejected_kl)).detach()
-    return TDPOLossOutput(losses, chosen_rewards, rejected_rewards)
+    metrics = {
+        **sequential_kl_metrics(chosen_kl, rejected_kl),
+        # The paper's reward, which the official code logs as `rewards/*`; the trainers' `rewards/*` keep DPOTrainer's
+        # meaning β·S^ρ, so these have their own prefix
+        "tdpo_rewards/chosen": Metric(chosen_rewards),
+        "tdpo_rewards/rejected": Metric(rejected_rewards),
+        "tdpo_rewards/margins": Metric(chosen_rewards - rejected_rewards),
+    }
+    return TDPOLossOutput(losses, chosen_rewards, rejected_rewards, metrics)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -210,6 +290,7 @@ class TGDPOLossOutput(NamedTuple):
     losses: Tensor  # [B]
     chosen_weights: Tensor  # [B, T_w] f_w = 1 + α r̂^w (optionally clamped), 0 where masked; constant
     rejected_weights: Tensor  # [B, T_l] f_l = 1 − α r̂^l (optionally clamped), 0 where masked; constant
+    metrics: dict[str, Metric]  # token_rewards/*
 
 
 def _tgdpo_weights(
@@ -256,8 +337,10 @@ def tgdpo_loss(
             |r̂| > 1/α, §2.5 a). ``None`` (default) matches the official code.
 
     Returns:
-        ``TGDPOLossOutput(losses [B], chosen_weights [B, T_w], rejected_weights [B, T_l])``. Masked positions
-        contribute exactly 0 and get exactly 0 gradient even when they hold NaN / inf.
+        ``TGDPOLossOutput(losses [B], chosen_weights [B, T_w], rejected_weights [B, T_l], metrics)``. Masked
+        positions contribute exactly 0 and get exactly 0 gradient even when they hold NaN / inf. ``metrics``:
+        ``token_rewards/{chosen,rejected}`` (mean r̂ per side) and ``token_rewards/negative_weights`` (fraction of
+        tokens whose weight is negative), per token.
     """
     beta = _positive("beta", beta)
     alpha = float(alpha)
@@ -294,7 +377,17 @@ def tgdpo_loss(
 
     logits = (chosen_weights * chosen_rho).sum(-1) - (rejected_weights * rejected_rho).sum(-1)
     losses = -F.logsigmoid(beta * logits)
-    return TGDPOLossOutput(losses, chosen_weights, rejected_weights)
+    metrics = {
+        # Mean token reward r̂ per side, and how often a weight 1 ± α r̂ is negative (the token's update is reversed,
+        # §2.5 a; `weight_clamp=(0, inf)` prevents it)
+        "token_rewards/chosen": Metric(chosen_token_rewards, chosen_mask),
+        "token_rewards/rejected": Metric(rejected_token_rewards, rejected_mask),
+        "token_rewards/negative_weights": Metric(
+            torch.cat([(chosen_weights < 0).flatten(), (rejected_weights < 0).flatten()]).float(),
+            torch.cat([chosen_mask.flatten(), rejected_mask.flatten()]),
+        ),
+    }
+    return TGDPOLossOutput(losses, chosen_weights, rejected_weights, metrics)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -336,7 +429,7 @@ def bregman_loss(
     Returns:
         ``[...]`` elementwise ℓ_h, in at least float32.
     """
-    _validate_generator(generator, generator_lambda, sba_scale)
+    validate_generator(generator, generator_lambda, sba_scale)
     u = log_ratio.to(_compute_dtype(log_ratio))  # u = log R
     lam = float(generator_lambda)
     if generator == "lr":
@@ -364,6 +457,7 @@ class TBPOLossOutput(NamedTuple):
     losses: Tensor  # [B]
     log_ratio: Tensor  # [B, K] clamped log R_t, 0 where masked (not detached)
     per_token_losses: Tensor  # [B, K] ℓ_h(R_t), 0 where masked (not detached)
+    metrics: dict[str, Metric]  # log_R/*
 
 
 def tbpo_loss(
@@ -399,15 +493,16 @@ def tbpo_loss(
         label_smoothing: ε in [0, 0.5].
 
     Returns:
-        ``TBPOLossOutput(losses [B], log_ratio [B, K], per_token_losses [B, K])``; masked positions hold exactly 0
-        and get exactly 0 gradient even when the inputs there are NaN / inf. A pair without aligned tokens has loss 0.
+        ``TBPOLossOutput(losses [B], log_ratio [B, K], per_token_losses [B, K], metrics)``; masked positions hold
+        exactly 0 and get exactly 0 gradient even when the inputs there are NaN / inf. A pair without aligned tokens
+        has loss 0. ``metrics``: ``log_R/mean`` and ``log_R/frac_below_zero`` over the aligned tokens.
     """
     beta = _positive("beta", beta)
     clamp = _positive("log_ratio_clamp", log_ratio_clamp)
     label_smoothing = float(label_smoothing)
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"`label_smoothing` must be in [0, 0.5], got {label_smoothing}.")
-    _validate_generator(generator, generator_lambda, sba_scale)
+    validate_generator(generator, generator_lambda, sba_scale)
     names = ("chosen_logratios", "rejected_logratios", "pair_mask")
     tensors = (chosen_logratios, rejected_logratios, pair_mask)
     if log_weights is not None:
@@ -431,7 +526,11 @@ def tbpo_loss(
     log_ratio = torch.where(mask, log_ratio, 0.0)
 
     losses = per_token.sum(-1) / mask.sum(-1).clamp(min=1)  # (1/T) Σ_{t ≤ T}
-    return TBPOLossOutput(losses, log_ratio, per_token)
+    metrics = {
+        "log_R/mean": Metric(log_ratio, mask),
+        "log_R/frac_below_zero": Metric((log_ratio < 0).float(), mask),
+    }
+    return TBPOLossOutput(losses, log_ratio, per_token, metrics)
 
 
 def center_log_weights(log_weights: Tensor, pair_mask: Tensor, clamp: float = 10.0) -> Tensor:

@@ -604,6 +604,8 @@ def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_mode
             reference or guidance model whose statistics are computed together with the policy's).
         chunk_size (`int`): tokens per projected tile.
     """
+    if getattr(model.forward, "computes_token_stats", False):
+        return  # already patched (the precompute patches before DPOTrainer's init ends, the init after)
     original_forward = model.forward
     text_config = model.config.get_text_config()
 
@@ -661,6 +663,7 @@ def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_mode
             aux_loss=aux_loss,
         )
 
+    _token_stats_forward.computes_token_stats = True
     model.forward = types.MethodType(_token_stats_forward, model)
 
 

@@ -3,26 +3,10 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..base import TokenLevelDPOConfig
-from ..losses import BREGMAN_GENERATORS
+from ..losses import BREGMAN_GENERATORS, validate_generator, validate_log_ratio_clamp
 
 
 TBPO_VARIANTS = ("tbpo_a", "tbpo_q")
-
-# Largest exponent of R (as a multiple of log R) in each generator's ℓ_h, evaluated at the clamp: ℓ_h must stay far
-# from float32's exp overflow (exp(88.7)), since per-token losses are also summed. "ba"/"sba" depend on λ.
-_MAX_SAFE_EXPONENT = 80.0
-
-
-def _exponent_coefficient(generator: str, generator_lambda: float) -> float:
-    """c such that the largest term of ℓ_h at |log R| ≤ clamp is exp(c · clamp) (BPO Table 2 closed forms)."""
-    if generator == "lr":
-        return 0.0  # softplus(log R) grows linearly
-    if generator == "kliep":
-        return 1.0  # R + log R
-    if generator == "lsif":
-        return 2.0  # R² − 2/R
-    # BA / SBA: R^{λ+1} and R^{−λ}, i.e. exp((λ+1) log R) and exp(−λ log R)
-    return max(generator_lambda + 1.0, abs(generator_lambda))
 
 
 @dataclass
@@ -180,33 +164,8 @@ class TBPOConfig(TokenLevelDPOConfig):
                 f"`variant` must be one of {list(TBPO_VARIANTS)}, got {self.variant!r}. Use 'tbpo_a' for the "
                 "forward-KL state term (no extra parameters) or 'tbpo_q' for a learned state baseline."
             )
-        if self.generator not in BREGMAN_GENERATORS:
-            raise ValueError(
-                f"`generator` must be one of {list(BREGMAN_GENERATORS)}, got {self.generator!r}. The paper's "
-                "default is 'sba'; 'lr' is DPO's logistic loss."
-            )
-        if self.generator in ("ba", "sba") and not self.generator_lambda > -1:
-            raise ValueError(
-                f"`generator_lambda` must be > -1 for the {self.generator!r} generator, got {self.generator_lambda}: "
-                "h(R) = (R^(1+λ) − R)/λ is strictly convex only for λ > −1. The paper's default is 0."
-            )
-        if self.generator == "sba" and not (self.sba_scale > 0 and math.isfinite(self.sba_scale)):
-            raise ValueError(
-                f"`sba_scale` must be a finite number > 0, got {self.sba_scale}. The paper's default is 4 (DPO's "
-                "gradient at initialisation)."
-            )
-        if not (self.log_ratio_clamp > 0 and math.isfinite(self.log_ratio_clamp)):
-            raise ValueError(
-                f"`log_ratio_clamp` must be a finite number > 0, got {self.log_ratio_clamp}. The official value is 30."
-            )
-        exponent = _exponent_coefficient(self.generator, self.generator_lambda) * self.log_ratio_clamp
-        if exponent > _MAX_SAFE_EXPONENT:
-            safe_clamp = _MAX_SAFE_EXPONENT / _exponent_coefficient(self.generator, self.generator_lambda)
-            raise ValueError(
-                f"With generator={self.generator!r} (λ={self.generator_lambda}) and log_ratio_clamp="
-                f"{self.log_ratio_clamp}, the loss reaches exp({exponent:g}), which overflows float32 (exp(88.7) is "
-                f"the largest finite value). Set `log_ratio_clamp` to at most {safe_clamp:g}."
-            )
+        validate_generator(self.generator, self.generator_lambda, self.sba_scale)
+        validate_log_ratio_clamp(self.generator, self.generator_lambda, self.log_ratio_clamp)
         if not 0.0 <= self.label_smoothing <= 0.5:
             raise ValueError(
                 f"`label_smoothing` must be in [0, 0.5], got {self.label_smoothing}: it is the probability that a "

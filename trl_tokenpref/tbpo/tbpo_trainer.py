@@ -7,7 +7,14 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
 from ..base import TokenLevelDPOTrainer
-from ..losses import center_log_weights, compact_completion_tokens, sequence_sum, tbpo_loss
+from ..losses import (
+    Metric,
+    center_log_weights,
+    compact_completion_tokens,
+    sequence_sum,
+    sequential_kl_metrics,
+    tbpo_loss,
+)
 from .baseline_head import (
     BASELINE_HEAD_NAME,
     BASELINE_OPTIMIZER_NAME,
@@ -107,7 +114,7 @@ class TBPOTrainer(TokenLevelDPOTrainer):
     """
 
     _config_class = TBPOConfig
-    _tag_names = ["trl", "tbpo", "trl_tokenpref"]
+    _tag_names = ["trl", "dpo", "tbpo", "trl_tokenpref"]  # DPOTrainer's tags, then ours
     _name = "TBPO"
     # The arXiv title; the method is named TBPO in the paper. Authors as in the recovered LaTeX source (TBPO-tex).
     _paper = {
@@ -256,7 +263,8 @@ class TBPOTrainer(TokenLevelDPOTrainer):
         use_baseline = self.baseline_head is not None
 
         # Per-token statistics. One chunked pass over both LM heads gives log πθ(y_t), log π_ref(y_t) and the forward
-        # KL κ_t; TBPO-Q also takes the policy's (detached) final hidden states for its head
+        # KL κ_t; TBPO-Q also takes the policy's (detached) final hidden states for its head. The patched
+        # `model.forward` does this work (`token_stats.add_token_stats_head`)
         if args.token_level or not self.precompute_ref_logps:
             ref_hidden_states = self._reference_hidden_states(inputs)
             outputs = self._policy_forward(
@@ -307,20 +315,16 @@ class TBPOTrainer(TokenLevelDPOTrainer):
         loss = self._add_aux_loss(tbpo.losses.mean(), outputs, mode)
 
         self._log_dpo_metrics(mode, inputs, outputs, mask, chosen_logratios, rejected_logratios)
-        self._log_token_mean(mode, "log_R/mean", tbpo.log_ratio, pair_mask)
-        self._log_token_mean(mode, "log_R/frac_below_zero", tbpo.log_ratio < 0, pair_mask)
+        metrics = dict(tbpo.metrics)  # log_R/*
         if args.token_level:
-            self._log_pair_mean(mode, "min_length", pair_mask.sum(dim=1))
+            metrics["min_length"] = Metric(pair_mask.sum(dim=1))  # aligned tokens per pair, T = min(n_w, n_l)
         if args.token_level and args.variant == "tbpo_a":
-            # Sequential KL of each completion, as TDPO logs it (official kl_{train,eval}/*)
-            sequential_kl = sequence_sum(stats.forward_kl, mask)
-            chosen_kl_sum, rejected_kl_sum = sequential_kl.chunk(2, dim=0)
-            self._log_pair_mean(mode, "kl/chosen", chosen_kl_sum)
-            self._log_pair_mean(mode, "kl/rejected", rejected_kl_sum)
-            self._log_pair_mean(mode, "kl/margin", chosen_kl_sum - rejected_kl_sum)
+            # Sequential KL of each completion, as TDPO logs it
+            metrics.update(sequential_kl_metrics(*sequence_sum(stats.forward_kl, mask).chunk(2, dim=0)))
         if use_baseline:
-            self._log_token_mean(mode, "baseline/log_w_abs_mean", log_weights.abs(), pair_mask)
-            self._log_token_mean(mode, "baseline/frac_clamped", log_weights.abs() >= args.baseline_clamp, pair_mask)
+            metrics["baseline/log_w_abs_mean"] = Metric(log_weights.abs(), pair_mask)
+            metrics["baseline/frac_clamped"] = Metric((log_weights.abs() >= args.baseline_clamp).float(), pair_mask)
+        self._log_metrics(mode, metrics)
         return self._maybe_return_outputs(model, inputs, loss, return_outputs)
 
     # ------------------------------------------------------------------------------------------------------------

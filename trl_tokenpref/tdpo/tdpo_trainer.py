@@ -41,7 +41,7 @@ class TDPOTrainer(TokenLevelDPOTrainer):
     """
 
     _config_class = TDPOConfig
-    _tag_names = ["trl", "tdpo", "trl_tokenpref"]
+    _tag_names = ["trl", "dpo", "tdpo", "trl_tokenpref"]  # DPOTrainer's tags, then ours
     _name = "TDPO"
     _paper = {
         "title": "Token-level Direct Preference Optimization",
@@ -61,7 +61,8 @@ class TDPOTrainer(TokenLevelDPOTrainer):
         mask = inputs["completion_mask"][:, 1:].bool()  # aligned with the shifted labels
 
         # One chunked pass over both LM heads gives, per completion token, log πθ(y_t), log π_ref(y_t) and
-        # κ_t = KL(π_ref(·|s_t) ‖ πθ(·|s_t)) (paper Def. 4.3)
+        # κ_t = KL(π_ref(·|s_t) ‖ πθ(·|s_t)) (paper Def. 4.3). The patched `model.forward` does this work
+        # (`token_stats.add_token_stats_head`): the reference's hidden states go in, the statistics come out.
         ref_hidden_states = self._reference_hidden_states(inputs)
         outputs = self._policy_forward(model, inputs, ref_hidden_states=ref_hidden_states)
         stats = outputs.stats
@@ -72,7 +73,7 @@ class TDPOTrainer(TokenLevelDPOTrainer):
         chosen_logratios, rejected_logratios = logratios.chunk(2, dim=0)  # the batch is [chosen; rejected]
         chosen_kl, rejected_kl = sequential_kl.chunk(2, dim=0)
 
-        losses, chosen_rewards, rejected_rewards = tdpo_loss(
+        tdpo = tdpo_loss(
             chosen_logratios,
             rejected_logratios,
             chosen_kl,
@@ -81,16 +82,8 @@ class TDPOTrainer(TokenLevelDPOTrainer):
             alpha=self.args.alpha,
             variant=self.args.variant,
         )
-        loss = self._add_aux_loss(losses.mean(), outputs, mode)
+        loss = self._add_aux_loss(tdpo.losses.mean(), outputs, mode)
 
         self._log_dpo_metrics(mode, inputs, outputs, mask, chosen_logratios, rejected_logratios)
-        # Sequential KL of each completion (the official code's kl_{train,eval}/*; the paper plots |margin|)
-        self._log_pair_mean(mode, "kl/chosen", chosen_kl)
-        self._log_pair_mean(mode, "kl/rejected", rejected_kl)
-        self._log_pair_mean(mode, "kl/margin", chosen_kl - rejected_kl)
-        # The paper's reward Σ_t A(s_t, y_t) = β(S^ρ + S^κ) (App. A.4, Eq. 59), which the official code logs as
-        # `rewards/*`; here `rewards/*` keep DPOTrainer's meaning, so these have their own prefix
-        self._log_pair_mean(mode, "tdpo_rewards/chosen", chosen_rewards)
-        self._log_pair_mean(mode, "tdpo_rewards/rejected", rejected_rewards)
-        self._log_pair_mean(mode, "tdpo_rewards/margins", chosen_rewards - rejected_rewards)
+        self._log_metrics(mode, tdpo.metrics)  # kl/* and the paper's reward, tdpo_rewards/*
         return self._maybe_return_outputs(model, inputs, loss, return_outputs)
