@@ -6,13 +6,15 @@ backbones:
 
 * `dpo-default` / `dpo-tuned`: TRL's `ChunkedLogProbFunction` on the policy (forward + backward, with the entropy,
   mean-logit and top-1 outputs DPOTrainer requests) and on the reference (forward only, no grad), at TRL's default
-  tiles (4096 x 32768) or at the CPU tiles of FEASIBILITY.md Q7 (256 x 4096);
+  tiles (4096 x 32768) or at CPU-sized tiles (256 x 4096, measured 1.5-1.8x faster on CPU);
 * `tdpo-fused`: `compute_token_stats` with a reference (one chunked pass over both heads; forward + backward of
   `Σ g·log_probs + Σ g'·forward_kl`);
 * `tdpo-trl-kernels`: the same statistics composed from TRL's kernels at tuned tiles: logprob(policy) +
   logprob(reference, no grad) + divergence(reference ‖ policy): three passes over the LM heads instead of one;
-* `tdpo-naive`: `naive_token_stats` (full `[N, V]` float32 logits for both models, as the official TDPO code);
-* `tdpo-fused-v1`: `compute_token_stats` as it was before the performance work (`_token_stats_v1.py`).
+* `tdpo-naive`: `naive_token_stats` (full `[N, V]` float32 logits for both models, as the official TDPO code).
+
+The fused pass before the performance work (`tdpo-fused-v1` in docs/benchmarks.md) is in the git history: check out
+commit 4ab13ad in a worktree and run its `benchmarks/bench_lm_head.py --impls tdpo-fused` beside this one.
 
 Times are process CPU time per step (one thread by default: on a shared machine that is the work done; see
 `bench_trainers.py`), the median over the rounds, with the wall-clock median next to it.
@@ -33,7 +35,7 @@ import time
 from pathlib import Path
 
 
-IMPLS = ("dpo-default", "dpo-tuned", "tdpo-fused", "tdpo-fused-v1", "tdpo-trl-kernels", "tdpo-naive")
+IMPLS = ("dpo-default", "dpo-tuned", "tdpo-fused", "tdpo-trl-kernels", "tdpo-naive")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -44,10 +46,7 @@ def _worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    import trl.kernels.chunked_divergence as cd
-    import trl.kernels.chunked_logprob as cl
-
-    from trl_tokenpref._compat import ChunkedDivergenceFunction, ChunkedLogProbFunction
+    from trl_tokenpref._compat import ChunkedDivergenceFunction, ChunkedLogProbFunction, set_trl_lm_head_tiles
     from trl_tokenpref.token_stats import LMHead, compute_token_stats, naive_token_stats
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -65,8 +64,7 @@ def _worker(args) -> dict:
         token_tile, vocab_tile = 4096, 32768
     else:
         token_tile, vocab_tile = 256, 4096
-    cl.TOKEN_CHUNK_SIZE = token_tile
-    cd.TOKEN_CHUNK_SIZE, cd.VOCAB_CHUNK_SIZE = token_tile, vocab_tile
+    set_trl_lm_head_tiles(token_tile, vocab_tile)
 
     def step():
         if impl.startswith("dpo"):
@@ -89,12 +87,7 @@ def _worker(args) -> dict:
             kl, _ = ChunkedDivergenceFunction.apply(hidden, weight, None, ref_hidden, ref_weight, None, 0.0)
             loss = ((lp - ref_lp) * g_lp).sum() + (kl * g_kl).sum()
         else:
-            if impl == "tdpo-fused-v1":
-                import _token_stats_v1
-
-                fn = _token_stats_v1.compute_token_stats
-            else:
-                fn = compute_token_stats if impl == "tdpo-fused" else naive_token_stats
+            fn = compute_token_stats if impl == "tdpo-fused" else naive_token_stats
             kwargs = {"chunk_size": args.chunk_size} if (impl == "tdpo-fused" and args.chunk_size) else {}
             stats = fn(
                 hidden.unsqueeze(0),

@@ -32,13 +32,13 @@ How it measures:
 Configurations (`--configs`, default all available):
 
 * `dpo-default`: `trl.DPOTrainer` (sigmoid), TRL's fused LM head at its default tiles (4096 tokens x 32768 vocab);
-* `dpo-tuned`: the same with the CPU tiles of FEASIBILITY.md Q7 (256 x 4096); **the ratios use this one** (the
+* `dpo-tuned`: the same with CPU-sized tiles (256 x 4096); **the ratios use this one** (the
   faster DPO on CPU, so the fair comparison);
 * `tdpo1`, `tdpo2`: `TDPOTrainer`;
 * `tdpo2-naive`: `TDPOTrainer` whose statistics come from full `[rows, L, V]` float32 logits of both models
   (`naive_token_stats`, as the official TDPO code): the baseline the fused pass beats;
-* `tdpo2-v1`: `TDPOTrainer` with the fused pass as it was before the performance work (`_token_stats_v1.py`);
-  not in the default list;
+* `tdpo2-v1` (rows of docs/benchmarks.md only): the fused pass before the performance work, kept in the git history
+  (run this script's `--configs tdpo2` at commit 4ab13ad, in a worktree);
 * `tgdpo-fly`: `TGDPOTrainer` with a guidance model (a second tiny model) run on the fly at every step;
 * `tgdpo-pre`: `TGDPOTrainer` on token rewards precomputed by `scripts/compute_token_rewards.py`;
 * `tbpo-a`, `tbpo-q`: `TBPOTrainer` (variants `tbpo_a`, `tbpo_q`).
@@ -72,13 +72,12 @@ ALL_CONFIGS = (
     "tdpo1",
     "tdpo2",
     "tdpo2-naive",
-    "tdpo2-v1",
     "tgdpo-fly",
     "tgdpo-pre",
     "tbpo-a",
     "tbpo-q",
 )
-DEFAULT_CONFIGS = tuple(c for c in ALL_CONFIGS if c != "tdpo2-v1")
+DEFAULT_CONFIGS = ALL_CONFIGS
 BASELINE = "dpo-tuned"
 # The issue's targets, as ratios against DPOTrainer in the same cell (time, memory); None: no target
 TARGETS = {
@@ -212,16 +211,6 @@ def setup(args, vocabs, seqs, configs) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _patch_dpo_tiles(token_tile: int, vocab_tile: int) -> None:
-    """FEASIBILITY.md Q7's tile patch of TRL's fused LM head (private module constants, guarded)."""
-    import trl.kernels.chunked_logprob as chunked_logprob
-    import trl.trainer.utils as trl_utils
-
-    assert hasattr(chunked_logprob, "TOKEN_CHUNK_SIZE") and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE")
-    chunked_logprob.TOKEN_CHUNK_SIZE = token_tile
-    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab_tile
-
-
 def _patch_naive_stats() -> None:
     """Full-logits statistics for every trainer of the package: `add_token_stats_head`'s forward calls
     `token_stats.compute_token_stats`, looked up at call time."""
@@ -231,14 +220,6 @@ def _patch_naive_stats() -> None:
         return token_stats.naive_token_stats(hidden_states, lm_head, labels, ref_hidden_states, ref_lm_head)
 
     token_stats.compute_token_stats = naive
-
-
-def _patch_v1_stats() -> None:
-    import _token_stats_v1
-
-    import trl_tokenpref.token_stats as token_stats
-
-    token_stats.compute_token_stats = _token_stats_v1.compute_token_stats
 
 
 def build_trainer(config: str, args, paths: dict, output_dir: str):
@@ -274,15 +255,15 @@ def build_trainer(config: str, args, paths: dict, output_dir: str):
         from trl import DPOConfig, DPOTrainer
 
         if config == "dpo-tuned":
-            _patch_dpo_tiles(256, 4096)
+            from trl_tokenpref._compat import set_trl_lm_head_tiles
+
+            set_trl_lm_head_tiles(256, 4096)
         return DPOTrainer(args=DPOConfig(**common), **kwargs)
     if config.startswith("tdpo"):
         from trl_tokenpref import TDPOConfig, TDPOTrainer
 
         if config == "tdpo2-naive":
             _patch_naive_stats()
-        elif config == "tdpo2-v1":
-            _patch_v1_stats()
         variant = "tdpo1" if config == "tdpo1" else "tdpo2"
         return TDPOTrainer(args=TDPOConfig(variant=variant, **common), **kwargs)
     if config.startswith("tgdpo"):

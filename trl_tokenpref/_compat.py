@@ -15,7 +15,6 @@ Three kinds of reach-in:
   [`DPO_TRAINER_ATTRIBUTES`], whose names and signatures the contract tests check.
 """
 
-import contextlib
 from importlib.metadata import version
 
 from packaging.version import Version
@@ -151,30 +150,14 @@ class _TokenizerHolder:
         self._tokenizer = tokenizer
 
 
-@contextlib.contextmanager
-def trl_lm_head_tiles(token_tile: int, vocab_tile: int):
-    """Set the tiles of TRL's chunked log-prob kernel (the fused LM head of `DPOTrainer`) and of its chunked
-    divergence kernel, then restore them. For benchmarks only: TRL's defaults (4096 tokens x 32768 columns) are tuned
-    for GPUs and run 1.5-1.8x slower on CPU than a CPU-sized tile (docs/benchmarks.md)."""
-    saved = (
-        _trl_chunked_logprob.TOKEN_CHUNK_SIZE,
-        _trl_trainer_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
-        _trl_chunked_divergence.TOKEN_CHUNK_SIZE,
-        _trl_chunked_divergence.VOCAB_CHUNK_SIZE,
-    )
-    _trl_chunked_logprob.TOKEN_CHUNK_SIZE = token_tile
-    _trl_trainer_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab_tile
-    _trl_chunked_divergence.TOKEN_CHUNK_SIZE = token_tile
-    _trl_chunked_divergence.VOCAB_CHUNK_SIZE = vocab_tile
-    try:
-        yield
-    finally:
-        (
-            _trl_chunked_logprob.TOKEN_CHUNK_SIZE,
-            _trl_trainer_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
-            _trl_chunked_divergence.TOKEN_CHUNK_SIZE,
-            _trl_chunked_divergence.VOCAB_CHUNK_SIZE,
-        ) = saved
+def set_trl_lm_head_tiles(token_tile: int, vocab_tile: int) -> tuple[int, int]:
+    """Set the tiles of TRL's chunked log-prob kernel (the fused LM head of `DPOTrainer`) and of its chunked divergence
+    kernel; returns the previous `(token_tile, vocab_tile)`. For benchmarks only: TRL's defaults (4096 tokens x 32768
+    columns) are sized for GPUs and run 1.5-1.8x slower on CPU than a CPU-sized tile (docs/benchmarks.md)."""
+    previous = (_trl_chunked_logprob.TOKEN_CHUNK_SIZE, _trl_trainer_utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+    _trl_chunked_logprob.TOKEN_CHUNK_SIZE = _trl_chunked_divergence.TOKEN_CHUNK_SIZE = token_tile
+    _trl_trainer_utils._CHUNKED_LOGPROB_CHUNK_SIZE = _trl_chunked_divergence.VOCAB_CHUNK_SIZE = vocab_tile
+    return previous
 
 
 __all__ = [
@@ -198,6 +181,6 @@ __all__ = [
     "prepare_deepspeed",
     "prepare_fsdp",
     "tokenize_preference_dataset",
-    "trl_lm_head_tiles",
+    "set_trl_lm_head_tiles",
     "use_adapter",
 ]

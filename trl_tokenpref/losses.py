@@ -4,7 +4,7 @@ Every function in this module is a pure function of tensors, in the style of the
 reference DPO implementation and of torchtune's loss modules: no model, trainer or accelerate import; per-pair
 losses come back unreduced (shape ``[B]``) so that the caller owns the batch reduction (TRL: ``.mean()``).
 
-Notation (``docs/ALGORITHMS.md`` §0 of the shared design notes): for one response y with completion mask m_t,
+Notation (docs/algorithms.md §0): for one response y with completion mask m_t,
 
 * ``ρ_t = log πθ(y_t|s_t) − log π_ref(y_t|s_t)``, the per-token log-ratio, and ``S^ρ(y) = Σ_t m_t ρ_t``;
 * ``κ_t = KL(π_ref(·|s_t) ‖ πθ(·|s_t))``, the per-position forward KL, and ``S^κ(y) = Σ_t m_t κ_t``;
@@ -173,7 +173,7 @@ def sequence_sum(values: Tensor, mask: Tensor) -> Tensor:
 def compact_completion_tokens(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Left-compact each row's completion tokens: the k-th masked token of a row moves to column k.
 
-    This implements "align by completion index, not by column" (ALGORITHMS.md §0, §3.5): after compaction, column k
+    This implements "align by completion index, not by column" (docs/algorithms.md §0, §3.5): after compaction, column k
     of a chosen row and column k of its rejected row hold completion token k of either response, whatever the
     padding side, prompt length or truncation. Order is preserved.
 
@@ -321,7 +321,7 @@ def tgdpo_loss(
     """Compute the TGDPO loss: DPO with a per-token weight β·f(r̂_t) on every token log-ratio.
 
     ``L = −log σ(β Σ_t m^w_t f_w(r̂^w_t) ρ^w_t − β Σ_t m^l_t f_l(r̂^l_t) ρ^l_t)``, with ``f_w(r) = 1 + α r`` and
-    ``f_l(r) = 1 − α r`` (official code ``dpo_loss``, ``loss_type="sigmoid"``; ALGORITHMS.md §2.2). No clipping,
+    ``f_l(r) = 1 − α r`` (official code ``dpo_loss``, ``loss_type="sigmoid"``; docs/algorithms.md §2.2). No clipping,
     normalisation or centring of r̂ by default. With α = 0 or r̂ ≡ 0 this is exactly DPO.
 
     Args:
@@ -404,7 +404,7 @@ def bregman_loss(
     """Per-sample Bregman ratio-matching loss ``ℓ_h(R) = h′(R)R − h(R) − h′(1/R)`` (BPO Thm 3), from log R.
 
     ``R`` is the model ratio p(≺)/p(≻) (for DPO's margin u, R = e^{−u}); ℓ_h is strictly increasing in R for every
-    valid h (Prop. 4: dℓ/dR = G_h(R) = h″(R)R + h″(1/R)/R² > 0). Closed forms (BPO Table 2, ALGORITHMS.md §4.2),
+    valid h (Prop. 4: dℓ/dR = G_h(R) = h″(R)R + h″(1/R)/R² > 0). Closed forms (BPO Table 2, docs/algorithms.md §4.2),
     additive constants dropped, all evaluated as exponentials of log R:
 
     ==========  ===========================  ================================================
@@ -474,7 +474,7 @@ def tbpo_loss(
 ) -> TBPOLossOutput:
     """Compute the TBPO (token-level Bregman preference optimisation) loss over completion-index-aligned tokens.
 
-    Per aligned position t ≤ T = min(n_w, n_l) (TBPO §4.5, Thm 4.4; ALGORITHMS.md §3.3–3.5):
+    Per aligned position t ≤ T = min(n_w, n_l) (TBPO §4.5, Thm 4.4; docs/algorithms.md §3.3–3.5):
 
     * ``log R_t = β[(ρ^l_t − ρ^w_t) + log w_t]``, clamped to ``[−c, c]`` before ℓ_h (zero gradient outside);
     * ``ℓ_t = (1 − ε) ℓ_h(log R_t) + ε ℓ_h(−log R_t)`` (ε = label smoothing, 0 by default);
@@ -537,7 +537,7 @@ def center_log_weights(log_weights: Tensor, pair_mask: Tensor, clamp: float = 10
     """TBPO-Q: centre the learned log-weights per pair over the aligned positions, then clamp.
 
     ``log ŵ_t ← clamp(log w_t − Σ_s m_s log w_s / max(Σ_s m_s, 1), −clamp, clamp)``, as in the official
-    ``Q_tbpo_concatenated_forward`` (ALGORITHMS.md §3.4). Without the centring the TBPO loss alone would drive the
+    ``Q_tbpo_concatenated_forward`` (docs/algorithms.md §3.4). Without the centring the TBPO loss alone would drive the
     head's log w → −∞ (∂ℓ/∂log R > 0); with it the head learns a zero-mean per-token reallocation.
 
     Note:

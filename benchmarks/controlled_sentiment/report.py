@@ -455,7 +455,7 @@ def assess_claims(results: dict) -> list[dict]:
                 f"{orderly} of {len(lines)} β).",
             }
         )
-    # Claims of the other two papers that this experiment can speak to (ALGORITHMS.md §5, small-scale targets)
+    # Claims of the other two papers that this experiment can speak to (their results, docs/algorithms.md §5)
     frontier_claim("TGDPO (guided by the DPO model) does at least as well as DPO (TGDPO paper)", "tgdpo", "dpo")
     for method in ("tbpo_a", "tbpo_q"):
         if method not in _methods(results) or "dpo" not in _methods(results):

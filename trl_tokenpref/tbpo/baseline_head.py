@@ -1,6 +1,6 @@
 """The TBPO-Q state baseline head `b_φ(s)` and its files.
 
-TBPO-Q (TokenRatio paper App. C.3, ALGORITHMS.md §3.4) weighs each aligned token pair by
+TBPO-Q (TokenRatio paper App. C.3, docs/algorithms.md §3.4) weighs each aligned token pair by
 `log w_t = b_φ(s^l_t) − b_φ(s^w_t)`, where `b_φ` is a small MLP on the policy's *detached* final hidden state of the
 prefix `s_t`. The head is not part of the language model: the trainer keeps it as an attribute, trains it with its own
 optimizer, and writes it next to the model (`baseline_head.safetensors`), never into the model's own weights, so the

@@ -145,7 +145,7 @@ class TBPOConfig(TokenLevelDPOConfig):
     )
 
     _method_name = "TBPO"
-    # TBPO's own loss defines ε-label smoothing ((1−ε)ℓ(log R) + εℓ(−log R), ALGORITHMS.md §3.5): validated below
+    # TBPO's own loss defines ε-label smoothing ((1−ε)ℓ(log R) + εℓ(−log R), docs/algorithms.md §3.5): validated below
     _unsupported_dpo_options = {
         name: default
         for name, default in TokenLevelDPOConfig._unsupported_dpo_options.items()

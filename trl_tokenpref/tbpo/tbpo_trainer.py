@@ -51,7 +51,7 @@ class TBPOTrainer(TokenLevelDPOTrainer):
 
         log R_t = β[(ρ^l_t − ρ^w_t) + log w_t],        ρ_t = log πθ(y_t|s_t) − log π_ref(y_t|s_t),
 
-    and matches it to the data ratio with a Bregman loss `ℓ_h(R) = h′(R)R − h(R) − h′(1/R)` (paper Thm 4.4; ALGORITHMS.md
+    and matches it to the data ratio with a Bregman loss `ℓ_h(R) = h′(R)R − h(R) − h′(1/R)` (paper Thm 4.4; docs/algorithms.md
     §3.3): `L = mean_pairs[(1/T) Σ_{t ≤ T} ℓ_h(R_t)]`, with `log R_t` clamped to `±log_ratio_clamp`. The state weight
     `w_t` depends on `args.variant`:
 
@@ -61,7 +61,7 @@ class TBPOTrainer(TokenLevelDPOTrainer):
       detached final hidden states), centred per pair and clamped to `±baseline_clamp`. As in the official code, the
       head has no regression target for log Z(s): it is trained by the TBPO loss itself, which alone would push
       `log w → −∞` (∂ℓ/∂log R > 0); the centring and the clamp prevent that, so in effect the head learns a zero-mean
-      reallocation of weight across the tokens of a pair (ALGORITHMS.md §3.4).
+      reallocation of weight across the tokens of a pair (docs/algorithms.md §3.4).
 
     With `args.token_level=False` the trainer optimises sequence-level BPO (one macro-token per response, `w = 1`); with
     `generator="lr"` that is exactly DPO's sigmoid loss.
@@ -250,7 +250,7 @@ class TBPOTrainer(TokenLevelDPOTrainer):
     @staticmethod
     def _aligned_pairs(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Chosen and rejected per-token values aligned by completion index, `[B, K]` each, and the pair mask
-        `k < min(n_w, n_l)` (ALGORITHMS.md §0, §3.5). All 2B rows are compacted at once so both halves share K."""
+        `k < min(n_w, n_l)` (docs/algorithms.md §0, §3.5). All 2B rows are compacted at once so both halves share K."""
         compacted, compacted_mask = compact_completion_tokens(values, mask)
         chosen, rejected = compacted.chunk(2, dim=0)  # the batch is [chosen; rejected]
         chosen_mask, rejected_mask = compacted_mask.chunk(2, dim=0)

@@ -1,4 +1,4 @@
-"""TGDPO: DPO with a per-token weight β·(1 ± α·r̂_t) from a frozen guidance model (ALGORITHMS.md §2).
+"""TGDPO: DPO with a per-token weight β·(1 ± α·r̂_t) from a frozen guidance model (docs/algorithms.md §2).
 
 Where the token rewards r̂_t = β·(log π_guide(y_t|s_t) − log π_ref(y_t|s_t)) come from, per dataset:
 
@@ -45,7 +45,7 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
 
     A drop-in replacement for [`~trl.DPOTrainer`]: same constructor (plus `guidance_model`), same dataset formats, same
     metrics, plus `token_rewards/*`. The loss weights each token's log-ratio ρ_t = log πθ(y_t|s_t) − log π_ref(y_t|s_t)
-    by its own factor (ALGORITHMS.md §2.2, the official code's `dpo_loss`):
+    by its own factor (docs/algorithms.md §2.2, the official code's `dpo_loss`):
 
         L = −log σ(β Σ_t (1 + α r̂^w_t) ρ^w_t − β Σ_t (1 − α r̂^l_t) ρ^l_t),   r̂_t = β (log π_guide(y_t|s_t) − log π_ref(y_t|s_t))
 
@@ -291,7 +291,7 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
             ref_log_probs = outputs.stats.ref_log_probs
         stats = outputs.stats
 
-        # r̂_t = β·(log π_guide − log π_ref) against the same reference as ρ (ALGORITHMS.md §2.3), a constant
+        # r̂_t = β·(log π_guide − log π_ref) against the same reference as ρ (docs/algorithms.md §2.3), a constant
         if precomputed_rewards:
             token_rewards = torch.cat([inputs[column] for column in TOKEN_REWARD_COLUMNS], dim=0)
         else:
