@@ -34,6 +34,16 @@ from .token_stats import TokenStatsOutput, add_token_stats_head, lm_head_of
 logger = get_logger(__name__)
 
 
+def check_finite_number(name: str, value, *, minimum: float, hint: str) -> None:
+    """Refuse a config value that is not a finite number >= `minimum`: None (e.g. `alpha: null` in a recipe), a
+    string, NaN (which fails every comparison) or infinity."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        found = "null (None)" if value is None else f"{value!r} ({type(value).__name__})"
+        raise ValueError(f"`{name}` must be a number >= {minimum:g}, got {found}. {hint}")
+    if not (value >= minimum and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a finite number >= {minimum:g}, got {value}. {hint}")
+
+
 @dataclass
 class TokenLevelDPOConfig(DPOConfig):
     r"""
@@ -308,7 +318,22 @@ class TokenLevelDPOTrainer(DPOTrainer):
         dataset = super()._prepare_dataset(dataset, processing_class, tokenize_args, dataset_name)
         # Row indices are still the user's here (nothing was dropped yet): the place for checks that name rows
         self._check_tokenized_dataset(dataset, dataset_name, args)
+        identical = checks.identical_pairs(dataset)
+        if identical.size:
+            dataset = self._identical_pairs(dataset, dataset_name, identical)
         return checks.drop_rows_without_completion_tokens(dataset, dataset_name, args)
+
+    def _identical_pairs(self, dataset: Dataset, dataset_name: str, rows) -> Dataset:
+        """Pairs whose chosen and rejected completions are the same tokens express no preference. DPOTrainer keeps
+        them, and so do TDPO and TBPO, with a warning: they cost a step's compute and, through the KL terms, still move
+        the policy. TGDPO drops them (see its override)."""
+        logger.warning(
+            f"{len(rows)} of the {len(dataset)} pairs of the {dataset_name} dataset have identical chosen and rejected "
+            f"completions (rows {checks.listed_rows(rows)}): they express no preference, cost compute, and the "
+            f"per-token terms of {self._name} still train on them. Drop them before training, e.g. with "
+            "`dataset.filter(lambda row: row['chosen'] != row['rejected'])`."
+        )
+        return dataset
 
     def _check_tokenized_dataset(self, dataset: Dataset, dataset_name: str, args) -> None:
         """Checks of a subclass on the tokenized map-style dataset, before any row is dropped (so that row indices are

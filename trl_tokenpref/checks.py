@@ -419,3 +419,27 @@ def drop_rows_without_completion_tokens(dataset: Dataset, dataset_name: str, arg
     )
     keep = np.setdiff1d(np.arange(len(dataset)), dropped, assume_unique=True)
     return dataset.select(keep)
+
+
+def identical_pairs(dataset: Dataset) -> np.ndarray:
+    """Indices of the tokenized rows whose chosen and rejected completions are the same tokens: pairs that express no
+    preference (vectorised over the Arrow buffers except for the rows of equal lengths)."""
+    table = dataset.select_columns(["chosen_ids", "rejected_ids"]).with_format("arrow")[:]
+    chosen, rejected = table["chosen_ids"].combine_chunks(), table["rejected_ids"].combine_chunks()
+    chosen_lens = pc.list_value_length(chosen).to_numpy()
+    same_length = np.flatnonzero(chosen_lens == pc.list_value_length(rejected).to_numpy())
+    if not same_length.size:
+        return same_length
+    chosen_values, rejected_values = chosen.flatten().to_numpy(), rejected.flatten().to_numpy()
+    chosen_offsets, rejected_offsets = chosen.offsets.to_numpy(), rejected.offsets.to_numpy()
+    return np.array(
+        [
+            row
+            for row in same_length
+            if np.array_equal(
+                chosen_values[chosen_offsets[row] : chosen_offsets[row + 1]],
+                rejected_values[rejected_offsets[row] : rejected_offsets[row + 1]],
+            )
+        ],
+        dtype=np.int64,
+    )

@@ -1,7 +1,6 @@
-import math
 from dataclasses import dataclass, field
 
-from ..base import TokenLevelDPOConfig
+from ..base import TokenLevelDPOConfig, check_finite_number
 from ..losses import TDPO_VARIANTS
 
 
@@ -54,10 +53,10 @@ class TDPOConfig(TokenLevelDPOConfig):
     def __post_init__(self):
         if self.variant not in TDPO_VARIANTS:
             raise ValueError(f"`variant` must be one of {list(TDPO_VARIANTS)}, got {self.variant!r}.")
-        # `not (x >= 0)` rather than `x < 0`: NaN fails every comparison and would otherwise pass
-        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
-            raise ValueError(
-                f"`alpha` must be non-negative and finite, got {self.alpha}. It weights the sequential-KL margin of "
-                "TDPO2 (the paper uses 0.5; 0 recovers DPO)."
-            )
+        check_finite_number(
+            "alpha",
+            self.alpha,
+            minimum=0.0,
+            hint="It weights the sequential-KL margin of TDPO2 (the paper uses 0.5; 0 recovers DPO).",
+        )
         super().__post_init__()

@@ -12,6 +12,8 @@ import json
 import os
 
 import torch
+from accelerate.logging import get_logger
+from accelerate.utils import is_peft_model
 from transformers import AutoTokenizer
 
 from .._compat import (
@@ -25,6 +27,9 @@ from .._compat import (
 )
 from ..checks import check_lm_head_not_quantized, check_local_path
 from ..token_stats import add_token_stats_head
+
+
+logger = get_logger(__name__)
 
 
 class GuidanceModel:
@@ -78,6 +83,12 @@ class GuidanceModel:
             guidance = source
             self._check_vocab(guidance)
         check_lm_head_not_quantized(guidance)
+        if self._equals_reference(guidance):
+            logger.warning(
+                "The guidance model has the same weights as the reference model, so every token reward "
+                "r̂ = β·(log π_guide − log π_ref) is 0 and TGDPO reduces to DPO. The guidance model should be another "
+                "model, usually a DPO model trained from the reference."
+            )
         guidance.eval()
         guidance.requires_grad_(False)
         disable_dropout_in_model(guidance)  # a deterministic forward: r̂ is a constant
@@ -89,6 +100,32 @@ class GuidanceModel:
         if trainer.is_fsdp_enabled:
             return prepare_fsdp(guidance, trainer.accelerator)
         return trainer.accelerator.prepare_model(guidance, evaluation_mode=True)
+
+    def _equals_reference(self, guidance) -> bool:
+        """Whether the guidance model's weights are the reference's (before training, the reference is the explicit
+        `ref_model` or the policy's initial weights: under PEFT the base weights; sharded models are not compared)."""
+        trainer = self.trainer
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled or trainer.state.global_step > 0:
+            return False
+        reference = trainer.accelerator.unwrap_model(
+            trainer.ref_model if trainer.ref_model is not None else trainer.model
+        )
+        if is_peft_model(reference):
+            reference = reference.get_base_model()
+        # PEFT wraps a targeted layer's weight as `<layer>.base_layer.weight` and adds its adapter's own parameters
+        reference_params = {
+            name.replace(".base_layer", ""): param
+            for name, param in reference.named_parameters()
+            if "lora_" not in name and "modules_to_save" not in name
+        }
+        guidance_params = dict(guidance.named_parameters())
+        if reference_params.keys() != guidance_params.keys():
+            return False
+        return all(
+            param.shape == reference_params[name].shape
+            and torch.equal(param.detach().cpu(), reference_params[name].detach().cpu())
+            for name, param in guidance_params.items()
+        )
 
     def _init_kwargs(self) -> dict:
         """`guidance_model_init_kwargs`, or the policy's loading options (dtype, attention, device map) without its

@@ -2,7 +2,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..base import TokenLevelDPOConfig
+from ..base import TokenLevelDPOConfig, check_finite_number
 
 
 @dataclass
@@ -36,7 +36,7 @@ class TGDPOConfig(TokenLevelDPOConfig):
             DPO model trained from the same reference). Give the guidance model here or as the trainer's
             `guidance_model`, or not at all when the datasets carry precomputed `chosen_token_rewards` /
             `rejected_token_rewards` columns (see `scripts/compute_token_rewards.py`); giving both is an error.
-            `"none"` (e.g. `--guidance_model_name_or_path none`, to override a recipe) means `None`.
+            `"none"` or `"null"` (e.g. `--guidance_model_name_or_path none`, to override a recipe) means `None`.
         guidance_model_init_kwargs (`dict[str, Any]` or `None`, *optional*, defaults to `None`):
             Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the guidance model is loaded from a
             path. Defaults to `model_init_kwargs` without its `revision`; `dtype` defaults to the policy's dtype, as
@@ -96,17 +96,18 @@ class TGDPOConfig(TokenLevelDPOConfig):
     _method_name = "TGDPO"
 
     def __post_init__(self):
-        super().__post_init__()
-        # From the command line, `--guidance_model_name_or_path none` clears a path set by a recipe (e.g. to train on
-        # a dataset with precomputed token rewards)
+        # Our checks first (as the base class does), so that a wrong TGDPO value is the error the user sees.
+        # `--guidance_model_name_or_path none` (command line) or `null` (a recipe) clears a path set by a recipe, e.g.
+        # to train on a dataset with precomputed token rewards
         path = self.guidance_model_name_or_path
-        if isinstance(path, str) and path.strip().lower() in ("", "none"):
+        if isinstance(path, str) and path.strip().lower() in ("", "none", "null"):
             self.guidance_model_name_or_path = None
-        if not (math.isfinite(self.alpha) and self.alpha >= 0):
-            raise ValueError(
-                f"`alpha` must be a finite number >= 0, got {self.alpha}. It is the guidance strength of the token "
-                "weights 1 ± alpha·r̂ (the paper uses 0.5; 0 recovers DPO)."
-            )
+        check_finite_number(
+            "alpha",
+            self.alpha,
+            minimum=0.0,
+            hint="It is the guidance strength of the token weights 1 ± alpha·r̂ (the paper uses 0.5; 0 recovers DPO).",
+        )
         for name in ("min_token_weight", "max_token_weight"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -120,6 +121,8 @@ class TGDPOConfig(TokenLevelDPOConfig):
                 f"`min_token_weight` ({self.min_token_weight}) must not exceed `max_token_weight` "
                 f"({self.max_token_weight}): they bound the token weights 1 ± alpha·r̂ from below and above."
             )
+        super().__post_init__()
+        # After TrainingArguments' own checks, which parse a JSON string from the command line into a dict
         if self.guidance_model_init_kwargs is not None and not isinstance(self.guidance_model_init_kwargs, dict):
             raise TypeError(
                 "`guidance_model_init_kwargs` must be a dict (or, from the command line, a JSON object string), got "

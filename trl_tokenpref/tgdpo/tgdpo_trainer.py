@@ -14,6 +14,7 @@ log-ratio, so DPOTrainer's summed log-probs are not enough) are stored as the co
 
 import textwrap
 
+import numpy as np
 import torch
 from accelerate.logging import get_logger
 from datasets import Dataset
@@ -21,7 +22,7 @@ from datasets import Dataset
 from .. import precompute
 from .._compat import precompute_model_hash, precompute_reference_model
 from ..base import TokenLevelDPOTrainer
-from ..checks import check_local_path
+from ..checks import check_local_path, listed_rows
 from ..losses import sequence_sum, tgdpo_loss
 from ..precompute import REF_TOKEN_LOGPS_COLUMNS
 from .guidance import GuidanceModel
@@ -30,6 +31,7 @@ from .token_rewards import (
     PER_TOKEN_COLUMNS,
     TOKEN_REWARD_COLUMNS,
     DataCollatorForTGDPO,
+    check_token_rewards_beta,
     validate_token_rewards,
     with_tgdpo_collator,
 )
@@ -215,6 +217,8 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
                 f"`TGDPOConfig`, or add the precomputed columns {list(TOKEN_REWARD_COLUMNS)} with "
                 "`scripts/compute_token_rewards.py --guidance_model ... --ref_model ...`."
             )
+        if has_rewards:
+            check_token_rewards_beta(dataset, args.beta, dataset_name)  # from the info file beside the data, if any
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _check_tokenized_dataset(self, dataset: Dataset, dataset_name: str, args) -> None:
@@ -222,6 +226,16 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
         # IterableDataset is checked batch by batch by the collator.
         if all(column in dataset.column_names for column in TOKEN_REWARD_COLUMNS):
             validate_token_rewards(dataset, dataset_name, args)
+
+    def _identical_pairs(self, dataset: Dataset, dataset_name: str, rows) -> Dataset:
+        # The weights 1 ± α·r̂ differ between the two sides of a pair even when the texts are the same, so TGDPO would
+        # learn from a pair that expresses no preference: drop it
+        logger.warning(
+            f"Dropped {len(rows)} of the {len(dataset)} pairs of the {dataset_name} dataset (rows "
+            f"{listed_rows(rows)}): their chosen and rejected completions are identical, so they express no "
+            "preference, but TGDPO's token weights 1 ± alpha·r̂ differ between the two sides and would train on them."
+        )
+        return dataset.select(np.setdiff1d(np.arange(len(dataset)), rows, assume_unique=True))
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         """DPOTrainer's precompute of the reference, per token instead of summed (`precompute.py`): the columns

@@ -7,7 +7,9 @@ reference's per-token log-probabilities (`precompute.REF_TOKEN_LOGPS_COLUMNS`) s
 truncation removes may hold `None`: it is never read.
 """
 
+import json
 import math
+import os
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
 
@@ -257,3 +259,41 @@ def token_reward_stats(dataset: Dataset) -> dict:
             "max_abs": float(np.abs(values).max()) if values.size else None,
         }
     return stats
+
+
+def find_token_rewards_info(dataset_or_path) -> tuple[str, dict] | None:
+    """The info file that `scripts/compute_token_rewards.py` wrote beside the data, and its content, or None.
+
+    Looked for next to a path (the data file or folder, and the folder above it), or next to the files backing a
+    dataset read with `load_from_disk` (`<output_dir>/<split>/data-*.arrow`, so two folders up).
+    """
+    if isinstance(dataset_or_path, (str, os.PathLike)):
+        path = os.path.abspath(os.path.expanduser(dataset_or_path))
+        candidates = [path, os.path.dirname(path)]
+    else:
+        files = [cache["filename"] for cache in getattr(dataset_or_path, "cache_files", None) or []]
+        candidates = [
+            folder for file in files[:1] for folder in (os.path.dirname(file), os.path.dirname(os.path.dirname(file)))
+        ]
+    for folder in candidates:
+        info_path = os.path.join(folder, TOKEN_REWARDS_INFO_FILE)
+        if os.path.isfile(info_path):
+            with open(info_path) as f:
+                return info_path, json.load(f)
+    return None
+
+
+def check_token_rewards_beta(dataset_or_path, beta: float, dataset_name: str) -> None:
+    """Refuse token rewards computed at another β than training's: r̂ = β_s·Δ stored at β_s and trained at β act as
+    `alpha · β_s / β`, a silently different guidance strength. Silent when no info file is found."""
+    found = find_token_rewards_info(dataset_or_path)
+    if found is None or found[1].get("beta") is None:
+        return
+    info_path, info = found
+    if not math.isclose(float(info["beta"]), float(beta), rel_tol=1e-9):
+        raise ValueError(
+            f"The token rewards of the {dataset_name} dataset were computed at beta={info['beta']} ({info_path}), but "
+            f"training uses beta={beta}. The stored values are r̂ = beta·(log π_guide − log π_ref) at the script's "
+            f"beta, so training at another beta would act as alpha·{info['beta']}/{beta}. Train with "
+            f"`beta={info['beta']}`, or recompute the rewards with `scripts/compute_token_rewards.py --beta {beta}`."
+        )
