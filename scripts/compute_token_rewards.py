@@ -128,7 +128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1024,
         help="Truncation length of prompt+completion, as in training; 0 or 'none' disables truncation.",
     )
-    compute.add_argument("--truncation_mode", default="keep_start", choices=["keep_start", "keep_end"])
+    compute.add_argument(
+        "--truncation_mode",
+        default="keep_start",
+        choices=["keep_start", "keep_end"],
+        help="Which end of prompt+completion truncation keeps, as in training.",
+    )
     compute.add_argument("--batch_size", type=int, default=8, help="Pairs per forward pass.")
     compute.add_argument(
         "--token_chunk_size", type=int, default=None, help="Tokens per LM-head tile (see TGDPOConfig)."

@@ -1,0 +1,158 @@
+"""TGDPO's guards against training the wrong thing or failing late: token rewards computed at another β, a guidance
+model equal to the reference, a guidance path that does not exist, a LoRA adapter folder as the guidance model, the
+precompute script writing over its input, and recipe values (`alpha: null`, a cleared guidance path)."""
+
+import importlib.util
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_from_disk
+from peft import LoraConfig, get_peft_model
+from testing_utils import fast_args, perturbed_copy
+from transformers import AutoModelForCausalLM
+
+from trl_tokenpref import TDPOConfig, TGDPOConfig, TGDPOTrainer
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location(
+        "compute_token_rewards", REPO_ROOT / "scripts" / "compute_token_rewards.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def guidance_path(tiny_model_path, tmp_path_factory):
+    return perturbed_copy(tiny_model_path, tmp_path_factory.mktemp("guidance") / "model", seed=3, scale=0.05)
+
+
+@pytest.fixture(scope="module")
+def data_with_rewards(script, default_dataset, tiny_model_path, guidance_path, tmp_path_factory):
+    """Token rewards at β = 0.1 written by the script with `save_to_disk`, with its info file beside them."""
+    root = tmp_path_factory.mktemp("rewards")
+    default_dataset["train"].select(range(8)).save_to_disk(str(root / "input"))
+    script.main(
+        ["--guidance_model", guidance_path, "--ref_model", tiny_model_path, "--dataset_path", str(root / "input"),
+         "--output_dir", str(root / "output"), "--beta", "0.1", "--max_length", "0"]
+    )  # fmt: skip
+    return root / "output"
+
+
+class TestTokenRewardsBeta:
+    def test_training_at_another_beta_is_refused(self, data_with_rewards, tiny_model_path, tiny_tokenizer, tmp_path):
+        dataset = load_from_disk(str(data_with_rewards))["train"]
+        with pytest.raises(ValueError, match=r"computed at beta=0.1 .* but training uses beta=0.5"):
+            TGDPOTrainer(
+                model=tiny_model_path,
+                args=fast_args(tmp_path, TGDPOConfig, beta=0.5),
+                train_dataset=dataset,
+                processing_class=tiny_tokenizer,
+            )
+
+    def test_training_at_the_same_beta_is_accepted(self, data_with_rewards, tiny_model_path, tiny_tokenizer, tmp_path):
+        dataset = load_from_disk(str(data_with_rewards))["train"]
+        trainer = TGDPOTrainer(
+            model=tiny_model_path,
+            args=fast_args(tmp_path, TGDPOConfig, beta=0.1),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
+        assert len(trainer.train_dataset) == 8
+
+
+def test_guidance_equal_to_the_reference_is_warned(
+    tiny_model_path, guidance_path, tiny_tokenizer, default_dataset, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING)
+    dataset = default_dataset["train"].select(range(4))
+    for guidance, warned in ((tiny_model_path, True), (guidance_path, False)):
+        caplog.clear()
+        TGDPOTrainer(
+            model=tiny_model_path,
+            guidance_model=guidance,
+            args=fast_args(tmp_path, TGDPOConfig),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
+        messages = " ".join(record.getMessage() for record in caplog.records)
+        assert ("same weights as the reference model" in messages) is warned
+
+
+def test_missing_guidance_path_is_refused_before_anything_loads(
+    tiny_model_path, tiny_tokenizer, default_dataset, tmp_path
+):
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="looks like a local path, but it does not exist"):
+        TGDPOTrainer(
+            model=tiny_model_path,
+            guidance_model=str(tmp_path / "no-such-model"),
+            args=fast_args(tmp_path, TGDPOConfig),
+            train_dataset=default_dataset["train"],
+            processing_class=tiny_tokenizer,
+        )
+    assert time.perf_counter() - start < 5  # before the policy is loaded and the data tokenized
+
+
+def test_lora_adapter_folder_as_guidance_model(tiny_model_path, tiny_tokenizer, default_dataset, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # a non-zero adapter
+    torch.manual_seed(0)
+    adapter = get_peft_model(base, lora)
+    adapter.save_pretrained(tmp_path / "adapter")
+    merged = adapter.merge_and_unload()
+
+    trainer = TGDPOTrainer(
+        model=tiny_model_path,
+        guidance_model=str(tmp_path / "adapter"),
+        args=fast_args(tmp_path, TGDPOConfig),
+        train_dataset=default_dataset["train"].select(range(4)),
+        processing_class=tiny_tokenizer,
+    )
+    loaded = dict(trainer.guidance_model.named_parameters())
+    for name, param in merged.named_parameters():
+        torch.testing.assert_close(loaded[name], param, rtol=0, atol=1e-6)  # merging rounds in float32
+
+
+def test_script_refuses_to_write_over_its_input(script, default_dataset, tiny_model_path, tmp_path):
+    default_dataset["train"].select(range(4)).save_to_disk(str(tmp_path / "data"))
+    start = time.perf_counter()
+    for output_dir in (tmp_path / "data", tmp_path):
+        with pytest.raises(ValueError, match="would overwrite the data it is computed from"):
+            script.main(
+                ["--guidance_model", tiny_model_path, "--ref_model", tiny_model_path,
+                 "--dataset_path", str(tmp_path / "data"), "--output_dir", str(output_dir)]
+            )  # fmt: skip
+    assert time.perf_counter() - start < 5  # before any model is loaded
+
+
+def test_script_help_shows_defaults(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    for default in ("(default: 0.1)", "(default: 1024)", "(default: float32)", "(default: keep_start)"):
+        assert default in help_text
+
+
+class TestRecipeValues:
+    @pytest.mark.parametrize("config_class", [TDPOConfig, TGDPOConfig])
+    def test_alpha_null_is_a_clear_error(self, config_class, tmp_path):
+        with pytest.raises(ValueError, match=r"`alpha` must be a number >= 0, got null \(None\)"):
+            config_class(str(tmp_path), alpha=None, report_to="none", use_cpu=True, bf16=False)
+
+    @pytest.mark.parametrize("value", ["none", "null", "None", ""])
+    def test_a_cleared_guidance_path_is_none(self, value, tmp_path):
+        assert (
+            TGDPOConfig(
+                str(tmp_path), guidance_model_name_or_path=value, use_cpu=True, bf16=False
+            ).guidance_model_name_or_path
+            is None
+        )
