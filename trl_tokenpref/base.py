@@ -25,13 +25,27 @@ from peft.utils import AuxiliaryTrainingWrapper
 from transformers import AutoProcessor, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from . import checks
-from ._compat import disable_gradient_checkpointing, use_adapter
+from . import checks, precompute
+from ._compat import disable_gradient_checkpointing, precompute_model_hash, precompute_reference_model, use_adapter
 from .losses import Metric
-from .token_stats import TokenStatsOutput, add_token_stats_head, lm_head_of
+from .precompute import (
+    REF_CACHE_COLUMNS,
+    REF_TAIL_COLUMNS,
+    REF_TOKEN_LOGPS_COLUMNS,
+    REF_TOPK_IDS_COLUMNS,
+    REF_TOPK_LOGPS_COLUMNS,
+    cache_bytes_per_token,
+    with_per_token_collator,
+)
+from .token_stats import ReferenceCache, TokenStatsOutput, add_token_stats_head, lm_head_of, reference_top_k
 
 
 logger = get_logger(__name__)
+
+
+# The reference cache's k when `ref_top_k` is not set: chosen from the error measured against the exact KL
+# (docs/benchmarks.md, "Reference cache")
+DEFAULT_REF_TOP_K = 32
 
 
 def check_finite_number(name: str, value, *, minimum: float, hint: str) -> None:
@@ -56,6 +70,16 @@ class TokenLevelDPOConfig(DPOConfig):
             Number of completion tokens projected through the LM head at once when computing per-token log-probs and
             KL. Peak memory grows with `token_chunk_size × vocab_size`; `None` picks a size per device (a tile of
             about 2M elements (512 tokens x 4096 vocabulary columns) on CPU and 64M on GPU).
+
+        > Parameters that control the reference cache
+
+        ref_top_k (`int`, *optional*, defaults to `DEFAULT_REF_TOP_K`):
+            With `precompute_ref_log_probs=True`, for the methods whose loss has a per-token KL (TDPO, TBPO-A): the
+            number k of the reference's most likely tokens stored per completion token; the mass m of all the others
+            is stored as one bucket. The KL is then `KL_K = Σ_{v∈K} p(v)[log p(v) − log q(v)] + m[log m − log Q]`,
+            a lower bound of the exact KL that equals it when the policy equals the reference (so TDPO still equals
+            DPO at initialisation) and when `ref_top_k` ≥ the vocabulary size (docs/algorithms.md §9). The cache takes
+            `8 + 8·k` bytes per completion token. `kl/cache_tail_mass` logs the mean m.
     """
 
     token_chunk_size: int | None = field(
@@ -63,6 +87,14 @@ class TokenLevelDPOConfig(DPOConfig):
         metadata={
             "help": "Number of completion tokens projected through the LM head at once when computing per-token "
             "log-probs and KL. Peak memory grows with token_chunk_size x vocab_size; None picks a size per device."
+        },
+    )
+    ref_top_k: int = field(
+        default=DEFAULT_REF_TOP_K,
+        metadata={
+            "help": "With precompute_ref_log_probs=True, for the methods with a per-token KL (TDPO, TBPO-A): how many "
+            "of the reference's most likely tokens are stored per completion token (the rest are merged into one "
+            "bucket). A value >= the vocabulary size stores it whole, and the KL is then exact."
         },
     )
 
@@ -92,6 +124,12 @@ class TokenLevelDPOConfig(DPOConfig):
                 f"`truncation_mode` must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}. DPOTrainer "
                 "would only notice at the first batch, after loading the models and tokenizing the dataset."
             )
+        if isinstance(self.ref_top_k, bool) or not isinstance(self.ref_top_k, int) or self.ref_top_k < 1:
+            raise ValueError(
+                f"`ref_top_k` must be a positive integer, got {self.ref_top_k!r}: the number of the reference's most "
+                f"likely tokens stored per completion token with `precompute_ref_log_probs=True` (default "
+                f"{DEFAULT_REF_TOP_K}; a value >= the vocabulary size stores the whole distribution)."
+            )
         if self.token_chunk_size is not None and self.token_chunk_size < 1:
             raise ValueError(f"`token_chunk_size` must be a positive integer or None, got {self.token_chunk_size}.")
         loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
@@ -109,14 +147,6 @@ class TokenLevelDPOConfig(DPOConfig):
                     f"`{name}={value!r}` is a DPO loss option that {self._method_name} does not implement. Leave it "
                     f"at its default ({default!r}), or use `trl.DPOTrainer` for this loss."
                 )
-        if self.precompute_ref_log_probs and self._needs_reference_distribution:
-            raise ValueError(
-                f"{self._method_name} cannot use `precompute_ref_log_probs=True`: its loss needs the reference "
-                "model's whole next-token distribution at every completion token (for the per-token KL), which "
-                "depends on the policy at each step and is far too large to store, whereas precomputing only keeps "
-                "the summed log-probability of each completion. Set `precompute_ref_log_probs=False`. To save "
-                "memory, use a PEFT adapter instead: the reference is then the same model with the adapter disabled."
-            )
         super().__post_init__()
 
 
@@ -206,8 +236,10 @@ class TokenLevelDPOTrainer(DPOTrainer):
     """
 
     _config_class = TokenLevelDPOConfig
+    # Per-token dataset columns the loss reads (kept by `remove_unused_columns`, padded by the collator)
+    _per_token_columns = REF_CACHE_COLUMNS
     # Batch entries that the loss reads and the model's forward does not take (subclasses add their columns)
-    _non_model_columns = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+    _non_model_columns = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps") + REF_CACHE_COLUMNS
 
     def __init__(
         self,
@@ -261,6 +293,8 @@ class TokenLevelDPOTrainer(DPOTrainer):
         )
         checks.check_lm_head_not_quantized(self.model)
         checks.check_lm_head_supported(self.model)
+        if self._uses_reference_cache:
+            self.data_collator = with_per_token_collator(self.data_collator)
         self.add_callback(_ResumeTokenCountCallback(self))
         if self._streamed_row_filter is not None:
             self.add_callback(_StreamedDropsCallback(self, self._streamed_row_filter))
@@ -335,9 +369,127 @@ class TokenLevelDPOTrainer(DPOTrainer):
         )
         return dataset
 
+    def _set_signature_columns_if_needed(self):
+        # Keep the per-token columns when `remove_unused_columns=True` drops what the model's forward does not take
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [c for c in self._per_token_columns if c not in self._signature_columns]
+
     def _check_tokenized_dataset(self, dataset: Dataset, dataset_name: str, args) -> None:
         """Checks of a subclass on the tokenized map-style dataset, before any row is dropped (so that row indices are
         the user's). Nothing by default."""
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The reference cache: `precompute_ref_log_probs=True` for a loss with a per-token KL (precompute.py)
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def _uses_reference_cache(self) -> bool:
+        return bool(self.args.precompute_ref_log_probs and self.args._needs_reference_distribution)
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """DPOTrainer's precompute of the reference, for a per-token KL: instead of each completion's summed log-prob,
+        the reference cache of every completion token (its label log-prob, its `ref_top_k` most likely tokens with
+        their log-probs, and the log-mass of the rest), cached on disk like DPOTrainer's values. A method without a
+        per-token KL keeps DPOTrainer's precompute."""
+        if not self._uses_reference_cache:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        self._add_token_stats_heads()
+        self.data_collator = with_per_token_collator(self.data_collator)
+        k = self.args.ref_top_k
+        vocab_size = self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size
+        stored_k = min(k, vocab_size)
+        num_tokens = int(sum(checks.scored_completion_counts_of(dataset, self.args)))
+        size = num_tokens * cache_bytes_per_token(stored_k)
+        self.accelerator.print(
+            f"Reference cache for the {name} dataset: {num_tokens:,} completion tokens x "
+            f"{cache_bytes_per_token(stored_k)} bytes (ref_top_k={stored_k}"
+            f"{', the whole vocabulary: exact KL' if stored_k == vocab_size else ''}) = {size / 2**20:,.1f} MiB."
+        )
+        tokenizer = checks.text_tokenizer(self.processing_class)
+        cache_key = (
+            precompute_model_hash(self),
+            self.args.max_length,
+            self.args.truncation_mode,
+            stored_k,
+            sorted(tokenizer.get_vocab().items()),
+        )
+
+        def score_batch(model, batch):
+            cache = self._reference_top_k(model, batch, stored_k)
+            return {
+                REF_TOKEN_LOGPS_COLUMNS: cache.label_log_probs,
+                REF_TOPK_IDS_COLUMNS: cache.topk_ids,
+                REF_TOPK_LOGPS_COLUMNS: cache.topk_log_probs,
+                REF_TAIL_COLUMNS: cache.tail_log_mass,
+            }
+
+        return precompute.add_per_token_columns(
+            dataset,
+            score_batch,
+            model=precompute_reference_model(self),
+            columns=[REF_TOKEN_LOGPS_COLUMNS, REF_TOPK_IDS_COLUMNS, REF_TOPK_LOGPS_COLUMNS, REF_TAIL_COLUMNS],
+            cache_key=cache_key,
+            accelerator=self.accelerator,
+            collator=self.data_collator,
+            batch_size=batch_size,
+            max_length=self.args.max_length,
+            truncation_mode=self.args.truncation_mode,
+            name=name,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+
+    def _reference_top_k(self, model, inputs: dict, k: int) -> ReferenceCache:
+        """The reference cache of a batch, `[2B, L-1(, k)]`: one reference forward to the final hidden states, then
+        the top-k of each completion token's next-token distribution (`token_stats.reference_top_k`)."""
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference_adapter(),
+        ):
+            outputs = model(**self._model_kwargs(inputs), token_stats=True, return_hidden_states_only=True)
+        unwrapped = self.accelerator.unwrap_model(model)
+        head = self._reference_lm_head() or lm_head_of(
+            unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
+        )
+        labels = self._labels(inputs)[:, 1:].to(outputs.hidden_states.device)
+        return reference_top_k(outputs.hidden_states, head, labels, k, chunk_size=self.args.token_chunk_size)
+
+    def _reference_cache(self, inputs: dict) -> ReferenceCache:
+        """The reference cache of a collated batch `[chosen; rejected]`, from its precomputed columns."""
+        missing = [column for column in REF_CACHE_COLUMNS if column not in inputs]
+        if missing:
+            raise ValueError(
+                f"`precompute_ref_log_probs=True` but the batch has no {missing}: the data collator must pad the "
+                "per-token columns of the reference cache. Use `precompute.DataCollatorForPerTokenColumns` (the "
+                "default) or a subclass of it."
+            )
+
+        def both(columns):
+            return torch.cat([inputs[column] for column in columns], dim=0)
+
+        return ReferenceCache(
+            label_log_probs=both(REF_TOKEN_LOGPS_COLUMNS),
+            topk_ids=both(REF_TOPK_IDS_COLUMNS),
+            topk_log_probs=both(REF_TOPK_LOGPS_COLUMNS),
+            tail_log_mass=both(REF_TAIL_COLUMNS),
+        )
+
+    def _token_stats_with_reference(self, model, inputs: dict, return_hidden_states: bool = False):
+        """The policy's per-token statistics with the reference's log-probs and the per-token KL: from the reference
+        cache when it was precomputed (the policy pass only), otherwise from a live reference forward and one chunked
+        pass over both LM heads. Returns the outputs and the metrics of the reference cache."""
+        if self._uses_reference_cache:
+            cache = self._reference_cache(inputs)
+            outputs = self._policy_forward(model, inputs, ref_cache=cache, return_hidden_states=return_hidden_states)
+            mask = inputs["completion_mask"][:, 1:].bool()
+            # How much of the reference's mass the bucket holds: the KL's approximation lives there
+            return outputs, {"kl/cache_tail_mass": Metric(cache.tail_log_mass.exp(), mask)}
+        ref_hidden_states = self._reference_hidden_states(inputs)
+        outputs = self._policy_forward(
+            model, inputs, ref_hidden_states=ref_hidden_states, return_hidden_states=return_hidden_states
+        )
+        return outputs, {}
 
     # ------------------------------------------------------------------------------------------------------------
     # Forward passes
@@ -415,9 +567,11 @@ class TokenLevelDPOTrainer(DPOTrainer):
         inputs: dict,
         ref_hidden_states: torch.Tensor | None = None,
         return_hidden_states: bool = False,
+        ref_cache: ReferenceCache | None = None,
     ) -> TokenStatsOutput:
         """Policy forward returning per-token statistics `[2B, L-1]`; with `ref_hidden_states`, also the reference
-        log-probs and the per-token forward KL, all from one chunked pass over both LM heads."""
+        log-probs and the per-token forward KL, all from one chunked pass over both LM heads; with `ref_cache`, the
+        same from the stored reference distribution, in the policy's pass alone."""
         model_kwargs = self._model_kwargs(inputs)
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
@@ -427,6 +581,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
             token_stats=True,
             ref_hidden_states=ref_hidden_states,
             ref_lm_head=self._reference_lm_head() if ref_hidden_states is not None else None,
+            ref_cache=ref_cache,
             return_hidden_states=return_hidden_states,
             chunk_size=self.args.token_chunk_size,
         )

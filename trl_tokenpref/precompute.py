@@ -19,32 +19,123 @@ process then builds the columns in memory from the gathered values.
 Tokens that `max_length` truncation removes are never scored and hold `None` (they are never read either).
 """
 
+import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate.utils import broadcast_object_list, tqdm
-from datasets import Dataset, Features, IterableDataset, List, Value, concatenate_datasets
+from datasets import Dataset, Features, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
 from datasets.table import InMemoryTable
 from torch.utils.data import DataLoader
 
-from ._compat import dataset_cache_file, dataset_fingerprint
+from ._compat import DataCollatorForPreference, dataset_cache_file, dataset_fingerprint
 from .checks import scored_completion_range
 
 
 # The reference's per-token log-probabilities log π_ref(y_t|s_t), stored by `precompute_ref_log_probs=True`
 REF_TOKEN_LOGPS_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
+# The reference cache of the KL methods (docs/algorithms.md §9): per token, the reference's k most likely token ids and
+# their log-probs (k values each, flattened: n·k values per row), and the log of the mass of every other token
+REF_TOPK_IDS_COLUMNS = ("ref_chosen_topk_ids", "ref_rejected_topk_ids")
+REF_TOPK_LOGPS_COLUMNS = ("ref_chosen_topk_logps", "ref_rejected_topk_logps")
+REF_TAIL_COLUMNS = ("ref_chosen_tail_logmass", "ref_rejected_tail_logmass")
+REF_CACHE_COLUMNS = REF_TOKEN_LOGPS_COLUMNS + REF_TOPK_IDS_COLUMNS + REF_TOPK_LOGPS_COLUMNS + REF_TAIL_COLUMNS
+# Columns with k values per token: collated as `[B, L-1, k]`
+VECTOR_COLUMNS = REF_TOPK_IDS_COLUMNS + REF_TOPK_LOGPS_COLUMNS
+
+
+def cache_bytes_per_token(k: int) -> int:
+    """Bytes the reference cache stores per completion token: the label log-prob, k int32 ids, k float32 log-probs
+    and the bucket's log-mass (float32 each), plus Arrow's list offsets (4 lists of int64 offsets per row, negligible
+    per token)."""
+    return 4 + 4 * k + 4 * k + 4
+
 
 # Part of every cache key: bump when the stored values change meaning
 PRECOMPUTE_VERSION = "per-token-values-1"
 
-# A scoring function: (model, collated batch) -> {(chosen column, rejected column): values [2B, L-1]}, the values of
-# every label position of the batch [chosen; rejected] (read only at completion tokens)
+# A scoring function: (model, collated batch) -> {(chosen column, rejected column): values [2B, L-1] or [2B, L-1, w]},
+# the values of every label position of the batch [chosen; rejected] (read only at completion tokens); w values per
+# token are stored flattened, w per token in a row
 ScoreBatch = Callable[[torch.nn.Module, dict], dict[tuple[str, str], torch.Tensor]]
+
+
+@dataclass
+class DataCollatorForPerTokenColumns(DataCollatorForPreference):
+    """
+    [`~trl.trainer.dpo_trainer.DataCollatorForPreference`] that also pads the per-token columns the examples carry.
+
+    Each column of `per_token_columns` holds, per row, `w` values per token of `chosen_ids` / `rejected_ids` (w = 1,
+    or k for the reference cache's top-k columns). It is returned aligned with the shifted labels, like the per-token
+    statistics: a tensor of shape `(batch_size, seq_len - 1)` (or `(batch_size, seq_len - 1, k)` for the top-k columns)
+    whose column `p - 1` holds the value(s) of the completion token at position `p` of the padded sequence, and 0
+    everywhere else (prompt, padding). Values are truncated exactly as the token ids are (`max_length`,
+    `truncation_mode`), so a truncated completion keeps the values of the tokens it keeps; a value may be missing
+    (`None`) only for a token that the truncation removes. Token ids come back as int64, everything else as float32.
+    """
+
+    per_token_columns: tuple[str, ...] = REF_CACHE_COLUMNS
+
+    def torch_call(self, examples: list[dict]) -> dict:
+        output = super().torch_call(examples)
+        num_columns = output["input_ids"].size(1) - 1
+        for column in self.per_token_columns:
+            if column in examples[0]:
+                output[column] = self._align(examples, column, num_columns)
+        return output
+
+    def _align(self, examples: list[dict], column: str, num_columns: int) -> torch.Tensor:
+        side = "chosen" if "chosen" in column else "rejected"
+        is_ids = column in REF_TOPK_IDS_COLUMNS
+        aligned = None
+        for i, example in enumerate(examples):
+            values, num_tokens = example[column], len(example[f"{side}_ids"])
+            width = len(values) // num_tokens if values is not None and num_tokens else 1
+            if values is None or len(values) != width * num_tokens or width < 1:
+                raise ValueError(
+                    f"Example {i} of this batch has {'no' if values is None else len(values)} values in `{column}` "
+                    f"but {num_tokens} tokens in `{side}_ids`: the column must hold the same number of values per "
+                    "completion token, as the trainer tokenizes it. Recompute it with the training tokenizer, "
+                    "`max_length` and `truncation_mode` (token rewards: `scripts/compute_token_rewards.py`)."
+                )
+            if aligned is None:
+                shape = (
+                    (len(examples), num_columns, width) if column in VECTOR_COLUMNS else (len(examples), num_columns)
+                )
+                aligned = torch.zeros(shape, dtype=torch.long if is_ids else torch.float32)
+            start, stop, position = scored_completion_range(
+                len(example["prompt_ids"]), num_tokens, self.max_length, self.truncation_mode
+            )
+            read = values[start * width : max(start, stop) * width]
+            # The bucket's log-mass is -inf where the cache holds the whole vocabulary (nothing left to merge)
+            empty_bucket_allowed = column in REF_TAIL_COLUMNS
+            if any(value is None for value in read) or (
+                not is_ids
+                and not all(math.isfinite(v) or (empty_bucket_allowed and v == -math.inf) for v in read)
+            ):
+                raise ValueError(
+                    f"Example {i} of this batch has a missing or non-finite value in `{column}` at a completion token "
+                    "that training reads. Values must be finite; recompute them using the training `max_length` and "
+                    "`truncation_mode`."
+                )
+            kept = torch.tensor(read, dtype=aligned.dtype).view(-1, *aligned.shape[2:])
+            # The label of the token at sequence position p sits at column p - 1 of the shifted tensors
+            aligned[i, position - 1 : position - 1 + kept.size(0)] = kept
+        return aligned
+
+
+def with_per_token_collator(collator, collator_class=DataCollatorForPerTokenColumns):
+    """DPOTrainer's default collator swapped for `collator_class` with the same settings; any other collator unchanged
+    (it must pad the per-token columns itself)."""
+    if type(collator) is DataCollatorForPreference:
+        return collator_class(**{f.name: getattr(collator, f.name) for f in fields(collator)})
+    return collator
 
 
 def add_per_token_columns(
@@ -86,7 +177,6 @@ def add_per_token_columns(
     stale = [column for column in flat_columns if column in dataset.column_names]
     if stale:
         dataset = dataset.remove_columns(stale)
-    features = Features({column: List(Value("float32")) for column in flat_columns})
 
     def compute() -> pa.Table:
         return _compute_per_token_table(
@@ -106,7 +196,7 @@ def add_per_token_columns(
 
     if not dataset.cache_files:
         table = compute()
-        return concatenate_datasets([dataset, Dataset(InMemoryTable(table.cast(features.arrow_schema)))], axis=1)
+        return concatenate_datasets([dataset, Dataset(InMemoryTable(table))], axis=1)
 
     # Rank 0's key for every process: under ZeRO-3 a model hash may differ between ranks
     fingerprint = [Hasher.hash((PRECOMPUTE_VERSION, dataset_fingerprint(dataset), flat_columns, *cache_key))]
@@ -115,6 +205,7 @@ def add_per_token_columns(
     cache_file = dataset_cache_file(dataset, fingerprint)
     if not os.path.exists(cache_file):
         table = compute()
+        features = Features.from_arrow_schema(table.schema)
         if accelerator.is_main_process:
             dataset.with_format("arrow").map(
                 lambda _, indices: table.slice(indices[0], len(indices)),
@@ -127,7 +218,31 @@ def add_per_token_columns(
                 desc=f"Caching per-token values for {name} dataset",
             )
         accelerator.wait_for_everyone()
-    return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+    columns_dataset = Dataset.from_file(cache_file)
+    check_per_token_columns(concatenate_datasets([dataset, columns_dataset], axis=1), flat_columns, name)
+    return concatenate_datasets([dataset, columns_dataset], axis=1)
+
+
+def check_per_token_columns(dataset: Dataset, columns: list[str], name: str) -> None:
+    """Refuse a dataset whose per-token columns do not match its tokenized completions (e.g. a cache file written for
+    other rows): every row must hold a whole number of values per completion token, the same for every row, naming
+    the first row that does not."""
+    table = dataset.select_columns(["chosen_ids", "rejected_ids", *columns]).with_format("arrow")[:]
+    for column in columns:
+        side = "chosen" if "chosen" in column else "rejected"
+        num_tokens = pc.list_value_length(table[f"{side}_ids"]).to_numpy().astype(np.int64)
+        num_values = pc.list_value_length(table[column]).fill_null(-1).to_numpy().astype(np.int64)
+        nonempty = num_tokens > 0
+        width = num_values[nonempty][0] // num_tokens[nonempty][0] if nonempty.any() else 1
+        bad = np.flatnonzero(num_values != width * num_tokens)
+        if bad.size:
+            row = int(bad[0])
+            raise ValueError(
+                f"Row {row} of the {name} dataset: `{column}` holds {num_values[row]} values, but its tokenized {side} "
+                f"completion has {num_tokens[row]} tokens ({width} values per token expected). The precomputed "
+                "columns do not belong to these rows: delete the dataset's cache files (`dataset.cleanup_cache_files()`) "
+                "or remove the columns, and precompute again."
+            )
 
 
 def _compute_per_token_table(
@@ -145,6 +260,7 @@ def _compute_per_token_table(
     )
     dataloader = accelerator.prepare(dataloader)
     kept = {column: [] for pair in columns for column in pair}  # per batch: the values of the scored tokens
+    widths = {}  # values per token of each pair of columns
     kept_counts = {"chosen": [], "rejected": []}  # per batch: scored completion tokens of each row
     for batch in tqdm(
         iterable=dataloader,
@@ -165,7 +281,11 @@ def _compute_per_token_table(
             mask = gathered["mask", side].bool()
             kept_counts[side].append(mask.sum(dim=1).numpy())
             for pair in columns:
-                kept[pair[side_index]].append(gathered[pair, side].float()[mask].numpy())
+                values = gathered[pair, side][mask]  # [n] or [n, w]
+                widths[pair] = 1 if values.dim() == 1 else values.size(1)
+                integral = not (values.is_floating_point() or values.is_complex())
+                values = values.to(torch.int32) if integral else values.float()
+                kept[pair[side_index]].append(values.reshape(-1).numpy())
 
     lengths = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).with_format("arrow")[:]
     prompt_lens = pc.list_value_length(lengths["prompt_ids"]).to_numpy()
@@ -180,19 +300,20 @@ def _compute_per_token_table(
                 num_tokens,
                 max_length,
                 truncation_mode,
+                widths.get(pair, 1),
             )
     return pa.table(arrays)
 
 
 def _full_length_lists(
-    kept_values, kept_counts, prompt_lens, num_tokens, max_length, truncation_mode
+    kept_values, kept_counts, prompt_lens, num_tokens, max_length, truncation_mode, width: int = 1
 ) -> pa.LargeListArray:
-    """One list per row with one value per completion token: the scored tokens' values, and None for the tokens
+    """One list per row with `width` values per completion token: the scored tokens' values, and None for the tokens
     that truncation removed (the last ones under `keep_start`, the first ones under `keep_end`)."""
-    offsets = np.concatenate([[0], np.cumsum(num_tokens)]).astype(np.int64)
-    values = np.zeros(offsets[-1], dtype=np.float32)
+    offsets = np.concatenate([[0], np.cumsum(num_tokens * width)]).astype(np.int64)
+    values = np.zeros(offsets[-1], dtype=kept_values.dtype)
     valid = np.zeros(offsets[-1], dtype=bool)
-    kept_offsets = np.concatenate([[0], np.cumsum(kept_counts)])
+    kept_offsets = np.concatenate([[0], np.cumsum(kept_counts * width)])
     for row, count in enumerate(kept_counts):
         start, stop, _ = scored_completion_range(
             int(prompt_lens[row]), int(num_tokens[row]), max_length, truncation_mode
@@ -203,6 +324,7 @@ def _full_length_lists(
                 f"Row {row}: {count} scored completion tokens, expected {stop - start}. The precompute batches and the "
                 "dataset are misaligned; please report this issue."
             )
-        values[offsets[row] + start : offsets[row] + stop] = kept_values[kept_offsets[row] : kept_offsets[row + 1]]
-        valid[offsets[row] + start : offsets[row] + stop] = True
+        first, last = offsets[row] + start * width, offsets[row] + stop * width
+        values[first:last] = kept_values[kept_offsets[row] : kept_offsets[row + 1]]
+        valid[first:last] = True
     return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, mask=~valid))

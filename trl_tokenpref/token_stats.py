@@ -77,6 +77,23 @@ class TokenStats(NamedTuple):
     forward_kl: torch.Tensor | None = None  # κ_t = KL(π_ref ‖ πθ), differentiable w.r.t. the policy only
 
 
+class ReferenceCache(NamedTuple):
+    """The reference's next-token distribution at each labelled position, as `precompute_ref_log_probs=True` stores it
+    (docs/algorithms.md §9): its k most likely tokens K and their log-probabilities, and the log of the mass m of every
+    other token, merged into one bucket. Shapes `(rows, seq)` or `(rows, seq, k)`, aligned with the shifted labels
+    (values outside the labelled positions are ignored).
+
+    The per-token KL computed from it is `KL_K = Σ_{v∈K} p(v)[log p(v) − log q(v)] + m[log m − log Q]`, with
+    `Q = Σ_{v∉K} q(v)` the policy's mass outside K: a lower bound of the exact KL (log-sum inequality), equal to it when
+    πθ = π_ref or when K is the whole vocabulary.
+    """
+
+    label_log_probs: torch.Tensor  # log π_ref(y_t|s_t), exact
+    topk_ids: torch.Tensor  # (rows, seq, k) int: K, the reference's k most likely tokens
+    topk_log_probs: torch.Tensor  # (rows, seq, k) float: log π_ref(v|s_t) for v in K
+    tail_log_mass: torch.Tensor  # (rows, seq) float: log m = log Σ_{v∉K} π_ref(v|s_t); -inf when K is everything
+
+
 class LMHead(NamedTuple):
     """What projects hidden states to logits: `logits = logit_scale * (hidden @ weight.T + bias)`, then
     `softcap * tanh(logits / softcap)` when `final_logit_softcapping` is set (Gemma 2)."""
@@ -148,10 +165,10 @@ class _TileBuffers:
         self.max_elements, self.device, self.flat = max_elements, device, {}
 
     def get(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        key = (name, dtype)
-        if key not in self.flat:
-            self.flat[key] = torch.empty(self.max_elements, dtype=dtype, device=self.device)
-        return self.flat[key][: shape[0] * shape[1]].view(shape)
+        key, numel = (name, dtype), shape[0] * shape[1]
+        if key not in self.flat or self.flat[key].numel() < numel:  # e.g. a tile with a spare column
+            self.flat[key] = torch.empty(max(self.max_elements, numel), dtype=dtype, device=self.device)
+        return self.flat[key][:numel].view(shape)
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -197,13 +214,25 @@ def _addmm_fp32_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
         accumulator.add_(a @ b)
 
 
-def _forward_chunk(hidden, labels, ref_hidden, policy_head, ref_head, vocab_tile, buffers, sum_logits):
+def _in_tile_columns(ids: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For token ids `[n, k]`, whether each lies in the vocabulary tile `[start, start + width)`, and its column there
+    (`width`, a spare column past the tile, for the ids outside it: writes to it never collide with a real column)."""
+    local = ids - start
+    in_tile = (local >= 0) & (local < width)
+    return in_tile, torch.where(in_tile, local, width)
+
+
+def _forward_chunk(hidden, labels, ref_hidden, policy_head, ref_head, vocab_tile, buffers, sum_logits, cache=None):
     """The statistics of one chunk of tokens, folding the vocabulary in tiles of `vocab_tile` rows (online softmax).
 
     Per token it keeps, over the tiles seen so far: for the policy, the max m, `s = Σ e^{z−m}` and `Σ e^{z−m}(z−m)`; for
     the reference, m_r, `s_r = Σ e^{z_r−m_r}` and `Σ e^{z_r−m_r}(z_r − z)`; both label logits; and the largest policy
     logit at an index below the label (for the top-1 flag: `argmax` returns the first maximum). Returns the per-token
     statistics of the chunk as a dict; `logit_sum` (for the mean logit) only when `sum_logits`.
+
+    With a reference `cache` `(topk_ids [n, k], topk_log_probs [n, k], tail_log_mass [n])` instead of `ref_hidden`,
+    it keeps the policy logits at the cached tokens K and a logsumexp over the logits *outside* K (masked in each tile,
+    never `log(1 − Σ_K …)`, which cancels), for the cached KL.
     """
     vocab_size = policy_head.weight.size(0)
     has_ref = ref_hidden is not None
@@ -211,6 +240,10 @@ def _forward_chunk(hidden, labels, ref_hidden, policy_head, ref_head, vocab_tile
     label_logit = ref_label_logit = None
     before_label = torch.full(labels.shape, -math.inf, dtype=torch.float32, device=labels.device)
     logit_sum = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device) if sum_logits else None
+    if cache is not None:
+        topk_ids = cache[0]
+        topk_logits = torch.zeros(topk_ids.shape, dtype=torch.float32, device=labels.device)
+        outside = None  # running (max, sum of exponentials) over the logits outside K
     for vocab_start in range(0, vocab_size, vocab_tile):
         vocab_end = min(vocab_start + vocab_tile, vocab_size)
         width = vocab_end - vocab_start
@@ -242,10 +275,22 @@ def _forward_chunk(hidden, labels, ref_hidden, policy_head, ref_head, vocab_tile
             torch.sub(ref_logits, ref_max.unsqueeze(1), out=exp).exp_()
             ref_logits.sub_(logits)  # z_r − z
             ref = _merge_tile(ref, (ref_max, exp.sum(dim=-1), torch.linalg.vecdot(exp, ref_logits)), shifted=False)
+        if cache is not None:
+            in_k, k_columns = _in_tile_columns(topk_ids, vocab_start, width)
+            topk_logits = torch.where(in_k, logits.gather(1, k_columns.clamp(max=width - 1)), topk_logits)
         shifted = logits.sub_(tile_max.unsqueeze(1))  # z − m
         torch.exp(shifted, out=exp)
         policy = _merge_tile(policy, (tile_max, exp.sum(dim=-1), torch.linalg.vecdot(exp, shifted)), shifted=True)
-
+        if cache is not None:
+            # The tile without K: a mask with a spare column for the ids of other tiles, then its own max, so that
+            # mass far below the tile's max (in K) does not underflow
+            k_mask = buffers.get("k_mask", (logits.size(0), width + 1), torch.bool).zero_()
+            k_mask.scatter_(1, k_columns, True)
+            shifted.masked_fill_(k_mask[:, :width], -math.inf)
+            out_max = shifted.amax(dim=-1)  # -inf for a token whose tile lies entirely in K
+            finite_max = torch.where(torch.isfinite(out_max), out_max, 0.0)
+            out_sum = torch.sub(shifted, finite_max.unsqueeze(1), out=exp).exp_().sum(dim=-1)
+            outside = _merge_lse(outside, (tile_max + out_max, out_sum))
     policy_max, policy_sum, policy_shifted_dot = policy
     log_sum = policy_sum.log()
     lse = policy_max + log_sum
@@ -263,7 +308,31 @@ def _forward_chunk(hidden, labels, ref_hidden, policy_head, ref_head, vocab_tile
         out["ref_log_probs"] = ref_label_logit - out["ref_lse"]
         # κ = E_p_ref[z_r − z] − lse_ref + lse, grouped so that equal distributions give exactly 0
         out["forward_kl"] = ref_dot / ref_sum + (policy_max - ref_max) + (log_sum - ref_log_sum)
+    if cache is not None:
+        _, topk_log_probs, tail_log_mass = cache
+        out_lse = outside[0] + outside[1].log()  # log Σ_{v∉K} e^{z_v}; -inf when K is the whole vocabulary
+        out["out_lse"] = out_lse
+        out["forward_kl"] = _cached_kl(topk_log_probs, topk_logits - lse.unsqueeze(1), tail_log_mass, out_lse - lse)
     return out
+
+
+def _cached_kl(topk_log_probs, policy_topk_log_probs, tail_log_mass, policy_tail_log_mass):
+    """`KL_K = Σ_{v∈K} p(v)[log p(v) − log q(v)] + m[log m − log Q]` per token; the bucket term is 0 when m = 0."""
+    in_k = (topk_log_probs.exp() * (topk_log_probs - policy_topk_log_probs)).sum(dim=-1)
+    has_tail = tail_log_mass > -math.inf
+    tail = torch.where(has_tail, tail_log_mass.exp() * (tail_log_mass - policy_tail_log_mass), 0.0)
+    return in_k + torch.where(has_tail, tail, 0.0)
+
+
+def _merge_lse(running, tile):
+    """Folds `(max, Σ e^{z − max})` of one tile into the running pair, where a max may be -inf (nothing in the tile):
+    the running max never comes from an empty tile, so that a later tile's mass far below it does not underflow."""
+    if running is None:
+        return tile
+    (m, s), (tile_m, tile_s) = running, tile
+    new_m = torch.maximum(m, tile_m)
+    reference = torch.where(torch.isfinite(new_m), new_m, 0.0)
+    return new_m, (m - reference).exp() * s + (tile_m - reference).exp() * tile_s
 
 
 def _where_in_tile(in_tile, tile_values, previous):
@@ -271,23 +340,60 @@ def _where_in_tile(in_tile, tile_values, previous):
 
 
 def _backward_chunk(
-    hidden, labels, lse, grad_lp, ref_hidden, ref_lse, grad_kl, policy_head, ref_head, vocab_tile, buffers, grads
+    hidden,
+    labels,
+    lse,
+    grad_lp,
+    ref_hidden,
+    ref_lse,
+    grad_kl,
+    policy_head,
+    ref_head,
+    vocab_tile,
+    buffers,
+    grads,
+    cache=None,
 ):
     """Adds one chunk's contribution to the gradients `grads = (grad_hidden_chunk, grad_weight, grad_bias)` (float32,
-    any of them None when not needed), one vocabulary tile at a time. `grad_lp` / `grad_kl`: `[n, 1]` or None."""
+    any of them None when not needed), one vocabulary tile at a time. `grad_lp` / `grad_kl`: `[n, 1]` or None.
+
+    With a reference `cache` `(topk_ids, topk_log_probs, tail_log_mass, out_lse)`, the KL is the cached one, whose
+    gradient is `P·q(u) − p(u)` for u ∈ K and `P·q(u) − m·q(u)/Q` outside K (P = Σ_K p + m, 1 up to rounding), with
+    `q(u)/Q = exp(z_u − out_lse) ≤ 1` computed outside K only: no ratio m/Q that could overflow."""
     grad_hidden, grad_weight, grad_bias = grads
     vocab_size, compute_dtype = policy_head.weight.size(0), hidden.dtype
+    use_cache = cache is not None and grad_kl is not None
     # ∂/∂z of g_lp·log pθ(y) + g_kl·κ  =  g_lp·onehot(y) + (g_kl − g_lp)·pθ − g_kl·p_ref
     policy_coef = torch.zeros_like(lse) if grad_lp is None else -grad_lp
-    if grad_kl is not None:
+    if use_cache:
+        topk_ids, topk_log_probs, tail_log_mass, out_lse = cache
+        tail_mass = tail_log_mass.exp()  # [n, 1]
+        total_mass = topk_log_probs.exp().sum(dim=-1, keepdim=True) + tail_mass
+        policy_coef = policy_coef + grad_kl * total_mass
+        # Rows without a bucket (m = 0): exp(z − inf) = 0 instead of 0·exp(z + inf)
+        out_lse = torch.where(tail_mass > 0, out_lse, math.inf)
+        tail_coef = grad_kl * tail_mass
+    elif grad_kl is not None:
         policy_coef = policy_coef + grad_kl
     for vocab_start in range(0, vocab_size, vocab_tile):
         vocab_end = min(vocab_start + vocab_tile, vocab_size)
         width = vocab_end - vocab_start
         logits, tanh = _tile_logits(hidden, policy_head, vocab_start, vocab_end, buffers, "policy")
+        if use_cache:
+            # q(u)/Q = exp(z_u − out_lse) outside K (at most 1: no overflow, whatever the mass in K), 0 at K
+            in_k, k_columns = _in_tile_columns(topk_ids, vocab_start, width)
+            k_mask = buffers.get("k_mask", (logits.size(0), width + 1), torch.bool).zero_()
+            k_mask.scatter_(1, k_columns, True)
+            scaled = torch.sub(logits, out_lse, out=buffers.get("outside", logits.shape, torch.float32))
+            scaled.masked_fill_(k_mask[:, :width], -math.inf).exp_()
+            # The point terms at K: − g·p(u)
+            k_columns, k_terms = k_columns.clamp(max=width - 1), -grad_kl * topk_log_probs.exp() * in_k
         # pθ = exp(z − lse) from the saved logsumexp: no max or sum pass
         grad_logits = logits.sub_(lse).exp_().mul_(policy_coef)
-        if grad_kl is not None:
+        if use_cache:
+            grad_logits.addcmul_(scaled, tail_coef, value=-1.0)
+            grad_logits.scatter_add_(1, k_columns, k_terms)
+        elif grad_kl is not None:
             ref_logits, _ = _tile_logits(ref_hidden, ref_head, vocab_start, vocab_end, buffers, "ref")
             grad_logits.addcmul_(ref_logits.sub_(ref_lse).exp_(), grad_kl, value=-1.0)
         if grad_lp is not None:
@@ -337,18 +443,36 @@ class _FusedTokenStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, heads, chunk_size, vocab_tile):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        cache_ids,
+        cache_log_probs,
+        cache_tail,
+        heads,
+        chunk_size,
+        vocab_tile,
+    ):
         # An unused output (the KL, for a method that only needs the reference log-probs) gets no gradient tensor, so
         # that the backward can skip the reference projection
         ctx.set_materialize_grads(False)
         policy_head, ref_head = heads
         has_ref = ref_hidden is not None
+        has_cache = cache_ids is not None
         dtype = _compute_dtype(weight)
         num_tokens, vocab_size = hidden.size(0), weight.size(0)
         f32 = {"dtype": torch.float32, "device": hidden.device}
         log_probs, entropy, lse = (torch.empty(num_tokens, **f32) for _ in range(3))
         is_top1 = torch.empty(num_tokens, dtype=torch.bool, device=hidden.device)
-        ref_log_probs, forward_kl, ref_lse = (torch.empty(num_tokens if has_ref else 0, **f32) for _ in range(3))
+        ref_log_probs, ref_lse = (torch.empty(num_tokens if has_ref else 0, **f32) for _ in range(2))
+        forward_kl = torch.empty(num_tokens if has_ref or has_cache else 0, **f32)
+        out_lse = torch.empty(num_tokens if has_cache else 0, **f32)
         buffers = _TileBuffers(min(chunk_size, num_tokens) * min(vocab_tile, vocab_size), hidden.device)
 
         policy_head = policy_head._replace(weight=weight.to(dtype), bias=None if bias is None else bias.to(dtype))
@@ -378,6 +502,9 @@ class _FusedTokenStats(torch.autograd.Function):
                     vocab_tile,
                     buffers,
                     sum_logits=not linear_mean,
+                    cache=(cache_ids[rows], cache_log_probs[rows].float(), cache_tail[rows].float())
+                    if has_cache
+                    else None,
                 )
                 lse[rows], log_probs[rows], entropy[rows], is_top1[rows] = (
                     out["lse"],
@@ -393,8 +520,13 @@ class _FusedTokenStats(torch.autograd.Function):
                         out["ref_log_probs"],
                         out["forward_kl"],
                     )
+                if has_cache:
+                    out_lse[rows], forward_kl[rows] = out["out_lse"], out["forward_kl"]
 
-        ctx.save_for_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, lse, ref_lse)
+        ctx.save_for_backward(
+            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, lse, ref_lse, cache_ids, cache_log_probs,
+            cache_tail, out_lse,
+        )  # fmt: skip
         ctx.heads = heads
         ctx.chunk_size, ctx.vocab_tile, ctx.dtype = chunk_size, vocab_tile, dtype
         ctx.mark_non_differentiable(entropy, mean_logits, is_top1, ref_log_probs)
@@ -402,12 +534,16 @@ class _FusedTokenStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_probs, _grad_entropy, _grad_mean, _grad_top1, _grad_ref_log_probs, grad_kl):
-        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, lse, ref_lse = ctx.saved_tensors
+        (
+            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, lse, ref_lse, cache_ids, cache_log_probs,
+            cache_tail, out_lse,
+        ) = ctx.saved_tensors  # fmt: skip
         policy_head, ref_head = ctx.heads
         dtype, chunk_size, vocab_tile = ctx.dtype, ctx.chunk_size, ctx.vocab_tile
+        use_cache = cache_ids is not None and grad_kl is not None
         use_kl = ref_hidden is not None and grad_kl is not None
-        if grad_log_probs is None and not use_kl:
-            return (None,) * 10
+        if grad_log_probs is None and not use_kl and not use_cache:
+            return (None,) * 13
         num_tokens, vocab_size = hidden.size(0), weight.size(0)
         buffers = _TileBuffers(min(chunk_size, num_tokens) * min(vocab_tile, vocab_size), hidden.device)
 
@@ -438,12 +574,20 @@ class _FusedTokenStats(torch.autograd.Function):
                     None if grad_log_probs is None else grad_log_probs[rows].float().unsqueeze(1),
                     ref_hidden[rows].to(dtype) if use_kl else None,
                     ref_lse[rows].unsqueeze(1) if use_kl else None,
-                    grad_kl[rows].float().unsqueeze(1) if use_kl else None,
+                    grad_kl[rows].float().unsqueeze(1) if use_kl or use_cache else None,
                     policy_head,
                     ref_head,
                     vocab_tile,
                     buffers,
                     (chunk_grad_hidden, grad_weight, grad_bias),
+                    cache=(
+                        cache_ids[rows],
+                        cache_log_probs[rows].float(),
+                        cache_tail[rows].float().unsqueeze(1),
+                        out_lse[rows].unsqueeze(1),
+                    )
+                    if use_cache
+                    else None,
                 )
                 if grad_hidden is not None:
                     grad_hidden[rows] = chunk_grad_hidden.to(hidden.dtype)
@@ -452,7 +596,7 @@ class _FusedTokenStats(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 10
 
 
 def compute_token_stats(
@@ -462,6 +606,7 @@ def compute_token_stats(
     ref_hidden_states: torch.Tensor | None = None,
     ref_lm_head: LMHead | None = None,
     chunk_size: int | None = None,
+    ref_cache: ReferenceCache | None = None,
 ) -> TokenStats:
     """Per-token statistics of the labelled positions, without materialising `[tokens, vocab]` logits.
 
@@ -479,11 +624,16 @@ def compute_token_stats(
             adapter disabled, and the LM head carries no adapter).
         chunk_size (`int`, *optional*):
             Tokens projected at once. Defaults to [`default_token_chunk_size`].
+        ref_cache ([`ReferenceCache`], *optional*):
+            The reference's stored top-k distribution, instead of `ref_hidden_states`: `ref_log_probs` are its exact
+            label log-probs, `forward_kl` the cached KL `KL_K` (docs/algorithms.md §9). No reference projection runs.
 
     Returns:
         [`TokenStats`], every field of shape `(rows, seq)` and zero where `labels == -100`.
     """
     mask = labels != -100
+    if ref_cache is not None and ref_hidden_states is not None:
+        raise ValueError("Give the reference as `ref_hidden_states` (live) or as `ref_cache` (precomputed), not both.")
     if ref_hidden_states is not None and ref_lm_head is None:
         # The same parameters, not a detached copy (a detached ZeRO-3 shard would be empty): the autograd function
         # never returns a gradient for its reference inputs.
@@ -504,6 +654,14 @@ def compute_token_stats(
     vocab_tile = _vocab_tile_size(lm_head.weight.size(0), hidden_states.device)
 
     ref_params = (None, None) if ref_lm_head is None else (ref_lm_head.weight, ref_lm_head.bias)
+    cache = (None,) * 3
+    if ref_cache is not None:
+        device = hidden_states.device
+        cache = (
+            ref_cache.topk_ids.to(device)[mask].long(),
+            ref_cache.topk_log_probs.to(device)[mask],
+            ref_cache.tail_log_mass.to(device)[mask],
+        )
     with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias, *ref_params):
         log_probs, entropy, mean_logits, is_top1, ref_log_probs, forward_kl = _FusedTokenStats.apply(
             hidden_states[mask],
@@ -513,6 +671,7 @@ def compute_token_stats(
             None if ref_hidden_states is None else ref_hidden_states[mask].detach(),
             ref_params[0],
             ref_params[1],
+            *cache,
             (lm_head, ref_lm_head),
             chunk_size,
             vocab_tile,
@@ -523,14 +682,62 @@ def compute_token_stats(
         return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
     has_ref = ref_hidden_states is not None
+    if ref_cache is not None:
+        ref_log_probs = ref_cache.label_log_probs.to(hidden_states.device)[mask].float()
+    has_kl = has_ref or ref_cache is not None
     return TokenStats(
         log_probs=scatter(log_probs),
         entropy=scatter(entropy),
         mean_logits=scatter(mean_logits),
         is_top1=scatter(is_top1),
-        ref_log_probs=scatter(ref_log_probs) if has_ref else None,
-        forward_kl=scatter(forward_kl) if has_ref else None,
+        ref_log_probs=scatter(ref_log_probs) if has_kl else None,
+        forward_kl=scatter(forward_kl) if has_kl else None,
     )
+
+
+def reference_top_k(
+    hidden_states: torch.Tensor, lm_head: LMHead, labels: torch.Tensor, k: int, chunk_size: int | None = None
+) -> ReferenceCache:
+    """The reference cache of the labelled positions: the reference's label log-prob, its `k` most likely tokens and
+    their log-probs, and the log of the mass outside them (a logsumexp over the logits outside the top k, never
+    `log(1 − Σ top-k)`). Without gradient; float32. `k` larger than the vocabulary keeps the whole vocabulary (the
+    bucket is then empty: `tail_log_mass = -inf`).
+
+    The logits of `chunk_size` tokens over the whole vocabulary exist at once (it runs once, before training).
+    """
+    mask = labels != -100
+    vocab_size = lm_head.weight.size(0)
+    k = min(k, vocab_size)
+    if chunk_size is None:
+        chunk_size = max(
+            1, (4 * GPU_TILE_ELEMENTS if hidden_states.device.type != "cpu" else 2 * CPU_TILE_ELEMENTS) // vocab_size
+        )
+    hidden, token_labels = hidden_states[mask], labels[mask]
+    num_tokens, device = hidden.size(0), hidden_states.device
+    label_log_probs = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    topk_ids = torch.empty(num_tokens, k, dtype=torch.long, device=device)
+    topk_log_probs = torch.empty(num_tokens, k, dtype=torch.float32, device=device)
+    tail_log_mass = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    head = lm_head._replace(
+        weight=lm_head.weight.detach(), bias=None if lm_head.bias is None else lm_head.bias.detach()
+    )
+    with torch.no_grad(), maybe_gather_lm_head_ctx(head.weight, head.bias):
+        for start in range(0, num_tokens, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits, _ = _logits(hidden[rows].to(_compute_dtype(head.weight)), head)
+            log_probs = logits.log_softmax(dim=-1)
+            label_log_probs[rows] = log_probs.gather(1, token_labels[rows].unsqueeze(1)).squeeze(1)
+            top = log_probs.topk(k, dim=-1)
+            topk_ids[rows], topk_log_probs[rows] = top.indices, top.values
+            tail_log_mass[rows] = log_probs.scatter_(1, top.indices, -math.inf).logsumexp(dim=-1)
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:
+        shape = mask.shape + values.shape[1:]
+        out = values.new_zeros(shape)
+        out[mask] = values
+        return out
+
+    return ReferenceCache(scatter(label_log_probs), scatter(topk_ids), scatter(topk_log_probs), scatter(tail_log_mass))
 
 
 def naive_token_stats(
@@ -599,6 +806,7 @@ def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_mode
         ref_hidden_states (`torch.Tensor` of shape `(rows, seq - 1, hidden_ref)`): the reference's final hidden states,
             for `ref_log_probs` and `forward_kl`.
         ref_lm_head ([`LMHead`]): the reference's output projection (defaults to this model's, detached).
+        ref_cache ([`ReferenceCache`]): the reference's stored top-k distribution, instead of `ref_hidden_states`.
         return_hidden_states (`bool`): also return this model's final hidden states (detached).
         return_hidden_states_only (`bool`): run only the backbone and return its final hidden states (for a
             reference or guidance model whose statistics are computed together with the policy's).
@@ -617,6 +825,7 @@ def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_mode
         labels=None,
         ref_hidden_states=None,
         ref_lm_head=None,
+        ref_cache=None,
         return_hidden_states=False,
         return_hidden_states_only=False,
         chunk_size=None,
@@ -656,6 +865,7 @@ def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_mode
             ref_hidden_states=ref_hidden_states,
             ref_lm_head=ref_lm_head,
             chunk_size=chunk_size,
+            ref_cache=ref_cache,
         )
         return TokenStatsOutput(
             stats=stats,
@@ -669,6 +879,7 @@ def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_mode
 
 __all__ = [
     "LMHead",
+    "ReferenceCache",
     "TokenStats",
     "TokenStatsOutput",
     "add_token_stats_head",
@@ -676,4 +887,5 @@ __all__ = [
     "default_token_chunk_size",
     "lm_head_of",
     "naive_token_stats",
+    "reference_top_k",
 ]

@@ -193,7 +193,8 @@ class TBPOConfig(TokenLevelDPOConfig):
                 f"`baseline_clamp` must be > 0, got {self.baseline_clamp}. The official value is 10; use `math.inf` "
                 "to disable the clamp."
             )
-        # TBPO-A's refusal comes from the base class (`_needs_reference_distribution`); TBPO-Q's reason differs
+        # TBPO-A precomputes the reference cache (its state term needs the reference distribution); TBPO-Q pairs
+        # per-token log-ratios through its learned head, and is not supported with the cache
         if self.precompute_ref_log_probs and self.token_level and self.variant == "tbpo_q":
             raise ValueError(
                 "TBPO-Q cannot use `precompute_ref_log_probs=True`: its loss pairs the chosen and rejected log-ratios "

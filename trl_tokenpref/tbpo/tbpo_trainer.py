@@ -265,11 +265,9 @@ class TBPOTrainer(TokenLevelDPOTrainer):
         # Per-token statistics. One chunked pass over both LM heads gives log πθ(y_t), log π_ref(y_t) and the forward
         # KL κ_t; TBPO-Q also takes the policy's (detached) final hidden states for its head. The patched
         # `model.forward` does this work (`token_stats.add_token_stats_head`)
+        cache_metrics = {}
         if args.token_level or not self.precompute_ref_logps:
-            ref_hidden_states = self._reference_hidden_states(inputs)
-            outputs = self._policy_forward(
-                model, inputs, ref_hidden_states=ref_hidden_states, return_hidden_states=use_baseline
-            )
+            outputs, cache_metrics = self._token_stats_with_reference(model, inputs, return_hidden_states=use_baseline)
             token_logratios = outputs.stats.log_probs - outputs.stats.ref_log_probs  # ρ_t
             logratios = sequence_sum(token_logratios, mask)  # S^ρ, DPO's log-ratio of each completion
         else:
@@ -315,7 +313,7 @@ class TBPOTrainer(TokenLevelDPOTrainer):
         loss = self._add_aux_loss(tbpo.losses.mean(), outputs, mode)
 
         self._log_dpo_metrics(mode, inputs, outputs, mask, chosen_logratios, rejected_logratios)
-        metrics = dict(tbpo.metrics)  # log_R/*
+        metrics = tbpo.metrics | cache_metrics  # log_R/* (and kl/cache_tail_mass)
         if args.token_level:
             metrics["min_length"] = Metric(pair_mask.sum(dim=1))  # aligned tokens per pair, T = min(n_w, n_l)
         if args.token_level and args.variant == "tbpo_a":

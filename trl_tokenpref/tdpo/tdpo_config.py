@@ -31,7 +31,8 @@ class TDPOConfig(TokenLevelDPOConfig):
     > [!NOTE]
     > Every other default is [`~trl.DPOConfig`]'s (e.g. `learning_rate=1e-6`, `beta=0.1`). The paper trains with
     > RMSprop at `learning_rate=5e-6` and 150 warm-up steps; see `recipes/` for its settings.
-    > `precompute_ref_log_probs=True` is refused: the per-token KL needs the reference's whole distribution.
+    > With `precompute_ref_log_probs=True` the reference's top-`ref_top_k` distribution is stored per completion token
+    > (the reference cache, docs/algorithms.md §9): no reference model is kept in memory and a step runs the policy only.
     """
 
     variant: str = field(

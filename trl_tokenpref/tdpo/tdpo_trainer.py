@@ -60,11 +60,11 @@ class TDPOTrainer(TokenLevelDPOTrainer):
         mode = "train" if self.model.training else "eval"
         mask = inputs["completion_mask"][:, 1:].bool()  # aligned with the shifted labels
 
-        # One chunked pass over both LM heads gives, per completion token, log πθ(y_t), log π_ref(y_t) and
-        # κ_t = KL(π_ref(·|s_t) ‖ πθ(·|s_t)) (paper Def. 4.3). The patched `model.forward` does this work
-        # (`token_stats.add_token_stats_head`): the reference's hidden states go in, the statistics come out.
-        ref_hidden_states = self._reference_hidden_states(inputs)
-        outputs = self._policy_forward(model, inputs, ref_hidden_states=ref_hidden_states)
+        # Per completion token: log πθ(y_t), log π_ref(y_t) and κ_t = KL(π_ref(·|s_t) ‖ πθ(·|s_t)) (paper Def. 4.3),
+        # from one chunked pass over both LM heads, or over the policy's alone with the reference cache
+        # (`precompute_ref_log_probs=True`: κ is the cached KL_K). The patched `model.forward` does this work
+        # (`token_stats.add_token_stats_head`).
+        outputs, cache_metrics = self._token_stats_with_reference(model, inputs)
         stats = outputs.stats
 
         # Sums over the completion: S^ρ (the DPO log-ratio) and S^κ = D_SeqKL (Eqs. 13-14)
@@ -85,5 +85,5 @@ class TDPOTrainer(TokenLevelDPOTrainer):
         loss = self._add_aux_loss(tdpo.losses.mean(), outputs, mode)
 
         self._log_dpo_metrics(mode, inputs, outputs, mask, chosen_logratios, rejected_logratios)
-        self._log_metrics(mode, tdpo.metrics)  # kl/* and the paper's reward, tdpo_rewards/*
+        self._log_metrics(mode, tdpo.metrics | cache_metrics)  # kl/* and the paper's reward, tdpo_rewards/*
         return self._maybe_return_outputs(model, inputs, loss, return_outputs)

@@ -112,6 +112,7 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
             }"""),
     }
 
+    _per_token_columns = PER_TOKEN_COLUMNS
     _non_model_columns = TokenLevelDPOTrainer._non_model_columns + PER_TOKEN_COLUMNS
 
     def __init__(
@@ -187,11 +188,6 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # Data: the per-token columns (token_rewards.py) and where their values come from
     # ------------------------------------------------------------------------------------------------------------
-
-    def _set_signature_columns_if_needed(self):
-        # Keep the per-token columns when `remove_unused_columns=True` drops what the model's forward does not take
-        super()._set_signature_columns_if_needed()
-        self._signature_columns += [c for c in PER_TOKEN_COLUMNS if c not in self._signature_columns]
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         columns = dataset.column_names if dataset.column_names is not None else list(next(iter(dataset)).keys())

@@ -10,13 +10,12 @@ truncation removes may hold `None`: it is never read.
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from datasets import Dataset, List, Value
 
 from .._compat import DataCollatorForPreference, hash_module, tokenize_preference_dataset
@@ -27,7 +26,12 @@ from ..checks import (
     check_rows,
     scored_completion_range,
 )
-from ..precompute import REF_TOKEN_LOGPS_COLUMNS, add_per_token_columns
+from ..precompute import (
+    REF_TOKEN_LOGPS_COLUMNS,
+    DataCollatorForPerTokenColumns,
+    add_per_token_columns,
+    with_per_token_collator,
+)
 from ..token_stats import add_token_stats_head
 
 
@@ -42,52 +46,15 @@ def _side(column: str) -> str:
 
 
 @dataclass
-class DataCollatorForTGDPO(DataCollatorForPreference):
+class DataCollatorForTGDPO(DataCollatorForPerTokenColumns):
     """
-    [`~trl.trainer.dpo_trainer.DataCollatorForPreference`] that also pads the per-token columns of TGDPO.
-
-    Each of `chosen_token_rewards`, `rejected_token_rewards`, `ref_chosen_token_logps` and `ref_rejected_token_logps`
-    that the examples carry holds one float per token of `chosen_ids` / `rejected_ids`. It is returned as a float32
-    tensor of shape `(batch_size, seq_len - 1)` aligned with the shifted labels, like the per-token statistics: the
-    value of the completion token at position `p` of the padded sequence sits at column `p - 1`, and every other
-    column (prompt, padding) is 0. Values are truncated exactly as the token ids are (`max_length`,
-    `truncation_mode`), so a truncated completion keeps the values of the tokens it keeps. A value may be missing
-    (`None`) only for a token that the truncation removes.
+    [`~trl_tokenpref.precompute.DataCollatorForPerTokenColumns`] for TGDPO's per-token columns: `chosen_token_rewards`,
+    `rejected_token_rewards` and, with `precompute_ref_log_probs=True`, `ref_chosen_token_logps` /
+    `ref_rejected_token_logps`, one float per token of `chosen_ids` / `rejected_ids`, each returned as a float32 tensor
+    of shape `(batch_size, seq_len - 1)` aligned with the shifted labels.
     """
 
-    def torch_call(self, examples: list[dict]) -> dict:
-        output = super().torch_call(examples)
-        num_columns = output["input_ids"].size(1) - 1
-        for column in PER_TOKEN_COLUMNS:
-            if column in examples[0]:
-                output[column] = self._align(examples, column, num_columns)
-        return output
-
-    def _align(self, examples: list[dict], column: str, num_columns: int) -> torch.Tensor:
-        side = _side(column)
-        aligned = torch.zeros(len(examples), num_columns, dtype=torch.float32)
-        for i, example in enumerate(examples):
-            values, num_tokens = example[column], len(example[f"{side}_ids"])
-            if values is None or len(values) != num_tokens:
-                raise ValueError(
-                    f"Example {i} of this batch has {'no' if values is None else len(values)} values in `{column}` "
-                    f"but {num_tokens} tokens in `{side}_ids`: the column must hold one float per completion token, "
-                    "as the trainer tokenizes it. Recompute it with `scripts/compute_token_rewards.py` using the "
-                    "training tokenizer."
-                )
-            start, stop, position = scored_completion_range(
-                len(example["prompt_ids"]), num_tokens, self.max_length, self.truncation_mode
-            )
-            kept = torch.tensor([math.nan if v is None else float(v) for v in values[start:stop]], dtype=torch.float32)
-            if not torch.isfinite(kept).all():
-                raise ValueError(
-                    f"Example {i} of this batch has a missing or non-finite value in `{column}` at a completion token "
-                    "that training reads. Values must be finite; recompute them with `scripts/compute_token_rewards.py` "
-                    "using the training `max_length` and `truncation_mode`."
-                )
-            # The label of the token at sequence position p sits at column p - 1 of the shifted tensors
-            aligned[i, position - 1 : position - 1 + kept.numel()] = kept
-        return aligned
+    per_token_columns: tuple[str, ...] = PER_TOKEN_COLUMNS
 
 
 def validate_token_rewards(dataset: Dataset, dataset_name: str, args) -> None:
@@ -164,9 +131,7 @@ def validate_token_rewards(dataset: Dataset, dataset_name: str, args) -> None:
 def with_tgdpo_collator(collator):
     """DPOTrainer's default collator swapped for [`DataCollatorForTGDPO`] with the same settings; any other collator
     unchanged (it must pad the per-token columns itself)."""
-    if type(collator) is DataCollatorForPreference:
-        return DataCollatorForTGDPO(**{f.name: getattr(collator, f.name) for f in fields(collator)})
-    return collator
+    return with_per_token_collator(collator, DataCollatorForTGDPO)
 
 
 def tokenize_for_token_rewards(dataset: Dataset, tokenizer, *, max_length, truncation_mode, dataset_num_proc=None):
