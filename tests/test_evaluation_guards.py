@@ -33,7 +33,7 @@ def model(tiny_model_path):
 def wider_model(tiny_model_path):
     """The tiny model with 64 more rows in its embedding and LM head: another vocabulary for the same tokenizer."""
     wider = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-    wider.resize_token_embeddings(wider.config.vocab_size + 64)
+    wider.resize_token_embeddings(wider.config.vocab_size + 64, mean_resizing=False)
     return wider.eval()
 
 
@@ -100,7 +100,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused(model):
 def test_token_ids_of_another_tokenizer_are_refused(tmp_path, tiny_tokenizer):
     """A model with a smaller vocabulary than the tokenizer's ids: the prompts are refused before generation."""
     small = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "model"))
-    small.resize_token_embeddings(8)
+    small.resize_token_embeddings(8, mean_resizing=False)
     ids = tiny_tokenizer("Where is the cup?", add_special_tokens=False)["input_ids"]
     assert max(ids) >= 8
     with pytest.raises(ValueError, match="output logits: the tokenizer is not the model's"):

@@ -177,11 +177,12 @@ def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) 
 
 
 def _vocab_size(model: torch.nn.Module) -> int | None:
-    """Width of the model's output logits: its LM head's rows, else `config.vocab_size`."""
+    """Width of the model's output logits: its LM head's `out_features` (a quantised head's weight is packed, so its
+    shape says nothing), else `config.vocab_size`."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if weight is not None and weight.dim() == 2:
-        return weight.shape[0]
+    out_features = getattr(head, "out_features", None)
+    if isinstance(out_features, int):
+        return out_features
     return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
