@@ -417,6 +417,25 @@ def test_missing_local_paths_are_named_at_once_before_loading(assets, tmp_path, 
     check_local_paths_exist(script_args, training_args, model_args, dataset_args)
 
 
+def test_a_mixture_s_local_paths_are_checked(assets, tmp_path):
+    from trl import DatasetMixtureConfig
+
+    from trl_tokenpref.cli import check_local_paths_exist
+
+    script_args, training_args, model_args, _ = parse("tdpo", *asset_args("tdpo", assets))
+    test_file = str(Path(assets["data"]) / "test.jsonl")
+    mixture = DatasetMixtureConfig(
+        datasets=[{"path": "json", "data_files": test_file}, {"path": str(tmp_path / "no-such-folder")}]
+    )
+    with pytest.raises(FileNotFoundError) as error:
+        check_local_paths_exist(script_args, training_args, model_args, mixture)
+    assert f"datasets[1].path: {tmp_path / 'no-such-folder'}: no such file or directory" in str(error.value)
+    assert "datasets[0]" not in str(error.value)  # `json` is a builder, not a path nor a Hub id
+    check_local_paths_exist(
+        script_args, training_args, model_args, DatasetMixtureConfig(datasets=mixture.datasets[:1])
+    )
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 9. No test split under a recipe that evaluates
 # ------------------------------------------------------------------------------------------------------------------

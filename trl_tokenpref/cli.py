@@ -110,8 +110,7 @@ def parse_args_and_config(parser, args: list[str] | None = None) -> tuple:
         names = ", ".join(type(instance).__name__ for instance in dataclasses)
         _logger().warning(
             f"Ignored {len(descriptions)} key(s) of {config_path} that no field of {names} has: "
-            f"{', '.join(descriptions)}. The run uses the defaults of the fields they were meant for; fix or remove "
-            "these keys."
+            f"{', '.join(descriptions)}. They have no effect on this run: fix or remove them."
         )
     return tuple(dataclasses)
 
@@ -134,6 +133,15 @@ def _in_hub_cache(repo_id: str, repo_type: str, cache_dir: str | None = None) ->
 
         return os.path.isdir(os.path.join(str(datasets.config.HF_DATASETS_CACHE), repo_id.replace("/", "___")))
     return False
+
+
+def _dataset_builders() -> set[str]:
+    """The names `load_dataset` takes as its own builders (`json`, `parquet`, ...), not as Hub ids."""
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:  # a private name: fall back to the builders a preference dataset is stored with
+        return {"arrow", "csv", "json", "pandas", "parquet", "text"}
+    return set(_PACKAGED_DATASETS_MODULES)
 
 
 def _offline(repo_type: str) -> bool:
@@ -183,11 +191,8 @@ def missing_local_path(path: str, repo_type: str = "model", cache_dir: str | Non
             f"{path}: no such file or directory in the folder {parts[0]!r} (which exists here, so {path!r} is read as "
             f"a local path; to load the Hub repository {path!r} instead, download it first: `{download}`)"
         )
-    if repo_type == "dataset":
-        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
-
-        if path in _PACKAGED_DATASETS_MODULES:
-            return None
+    if repo_type == "dataset" and path in _dataset_builders():
+        return None
     if _offline(repo_type):
         return (
             f"{path}: no such file or directory, and no Hub repository of that name in the local cache "
@@ -204,24 +209,24 @@ def check_local_paths_exist(script_args, training_args, model_args, dataset_args
         return init_kwargs.get("cache_dir") if isinstance(init_kwargs, dict) else None
 
     model_cache_dir = cache_dir_of(training_args.model_init_kwargs)
-    paths = [("model_name_or_path", model_args.model_name_or_path, "model", model_cache_dir)]
+    paths = [("--model_name_or_path", model_args.model_name_or_path, "model", model_cache_dir)]
     guidance = getattr(training_args, "guidance_model_name_or_path", None)
     if guidance:
         guidance_cache_dir = (
             cache_dir_of(getattr(training_args, "guidance_model_init_kwargs", None)) or model_cache_dir
         )
-        paths.append(("guidance_model_name_or_path", guidance, "model", guidance_cache_dir))
+        paths.append(("--guidance_model_name_or_path", guidance, "model", guidance_cache_dir))
     if dataset_args is not None and getattr(dataset_args, "datasets", None):
         paths += [
-            (f"datasets[{i}].path", entry.path, "dataset", None) for i, entry in enumerate(dataset_args.datasets)
+            (f"datasets[{i}].path:", entry.path, "dataset", None) for i, entry in enumerate(dataset_args.datasets)
         ]
     elif script_args.dataset_name:
-        paths.append(("dataset_name", script_args.dataset_name, "dataset", None))
+        paths.append(("--dataset_name", script_args.dataset_name, "dataset", None))
     problems = []
     for name, path, repo_type, cache_dir in paths:
         problem = missing_local_path(path, repo_type, cache_dir) if isinstance(path, str) else None
         if problem is not None:
-            problems.append(f"  --{name} {problem}")
+            problems.append(f"  {name} {problem}")
     if problems:
         hint = ""
         if any("tiny" in line for line in problems):
