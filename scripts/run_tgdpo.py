@@ -73,9 +73,11 @@ python scripts/run_tdpo.py --config recipes/tdpo/tiny.yaml --alpha 0 --max_steps
 python scripts/run_tgdpo.py --config recipes/tgdpo/tiny.yaml
 ```
 
-Resume an interrupted run with `--resume_from_checkpoint last` (the last `checkpoint-*` in `output_dir`) or
-`--resume_from_checkpoint PATH`. `--dataset_name` also takes a local `.json`/`.jsonl`/`.parquet` file, a directory of
-such files (e.g. `train.jsonl` + `test.jsonl`), or a `save_to_disk` directory (what `compute_token_rewards.py` writes).
+Resume an interrupted run with `--resume_from_checkpoint last` (the newest complete `checkpoint-*` in `output_dir`,
+skipping, with a warning, one whose save was interrupted) or `--resume_from_checkpoint PATH`. `--dataset_name` also
+takes a local `.json`/`.jsonl`/`.parquet` file, a directory of such files (e.g. `train.jsonl` + `test.jsonl`), or a
+`save_to_disk` directory (what `compute_token_rewards.py` writes). Local paths are checked before anything is loaded,
+and a recipe key that no argument has is named in a warning.
 """
 
 import argparse
@@ -85,18 +87,29 @@ def main(script_args, training_args, model_args, dataset_args):
     from trl import get_peft_config, get_quantization_config
 
     from trl_tokenpref import TGDPOTrainer
-    from trl_tokenpref.cli import load_preference_dataset, set_model_init_kwargs, train_and_save
+    from trl_tokenpref.cli import (
+        check_before_loading,
+        load_preference_dataset,
+        select_splits,
+        set_model_init_kwargs,
+        train_and_save,
+    )
 
+    # Before anything is loaded: the local paths exist, the checkpoint to resume from is complete, and a run that
+    # does not resume is warned when `output_dir` holds an earlier run's checkpoints
+    check_before_loading(script_args, training_args, model_args, dataset_args)
     set_model_init_kwargs(training_args, model_args)
     dataset = load_preference_dataset(script_args, dataset_args)
+    # The train split, and the test split when the run evaluates (a missing one is named, with the splits there are)
+    train_dataset, eval_dataset = select_splits(dataset, script_args, training_args)
 
     # Initialize the TGDPO trainer (the model is loaded from its path with `training_args.model_init_kwargs`, the
     # guidance model from `training_args.guidance_model_name_or_path` unless the dataset holds precomputed rewards)
     trainer = TGDPOTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
-        train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
@@ -119,6 +132,8 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 
 if __name__ == "__main__":
-    parser = make_parser()
-    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(fail_with_unknown_args=False)
+    from trl_tokenpref.cli import parse_args_and_config
+
+    # TrlParser's `parse_args_and_config(fail_with_unknown_args=False)`, naming the config keys it ignores
+    script_args, training_args, model_args, dataset_args = parse_args_and_config(make_parser())
     main(script_args, training_args, model_args, dataset_args)

@@ -1,24 +1,478 @@
-"""What the training scripts in `scripts/` share: model loading arguments, dataset loading, resuming, saving.
+"""What the training scripts in `scripts/` share: argument parsing, checks before loading, dataset loading, resuming,
+saving.
 
 `scripts/run_tdpo.py`, `scripts/run_tgdpo.py` and `scripts/run_tbpo.py` have the shape of TRL's `trl/scripts/dpo.py`
 (`TrlParser` over `ScriptArguments`, the method's config, `ModelConfig` and `DatasetMixtureConfig`) and differ only by
 the trainer they build. The steps around the trainer live here, once:
 
-* [`set_model_init_kwargs`]: `ModelConfig` (dtype, attention, revision) into `training_args.model_init_kwargs`, as TRL's
-  script does, since the trainers load the model from its path;
+* [`parse_args_and_config`]: `TrlParser.parse_args_and_config`, naming every key of the `--config` file that no
+  dataclass reads (TRL ignores them silently) and refusing unknown command-line arguments;
+* [`check_before_loading`]: before anything is loaded, the local paths (model, guidance model, dataset) exist, the
+  checkpoint to resume from is complete, and a fresh run is told that `output_dir` holds an earlier run's
+  checkpoints;
+* [`set_model_init_kwargs`]: `ModelConfig` (dtype, attention, revision) into `training_args.model_init_kwargs`, as
+  TRL's script does, since the trainers load the model from its path;
 * [`load_preference_dataset`]: a `datasets:` mixture, a Hub dataset name, or local files (a `.json`/`.jsonl`/
   `.parquet`/`.csv` file, a directory of such files, or a directory written by `Dataset.save_to_disk`);
-* [`resolve_resume_from_checkpoint`]: `--resume_from_checkpoint PATH`, or `true`/`last` for the last checkpoint in
-  `output_dir`;
+* [`select_splits`]: the train and (when the run evaluates) test splits, naming the splits that exist when one is
+  missing;
+* [`resolve_resume_from_checkpoint`], [`check_checkpoint`]: `--resume_from_checkpoint PATH`, or `true`/`last` for
+  the newest complete checkpoint in `output_dir` (see [`missing_checkpoint_files`]);
 * [`train_and_save`]: train, save, push to the Hub if asked, and close the trackers.
 """
 
+import contextlib
+import difflib
+import functools
+import json
 import os
+import re
+import warnings
 from pathlib import Path
 
 
 # Builder of `datasets.load_dataset` for each local file extension.
 LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+_CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
+_RNG_STATE_FILE = re.compile(r"^rng_state(_\d+)?\.pth$")
+
+
+@functools.cache
+def _accelerate_logger():
+    from accelerate.logging import get_logger
+
+    return get_logger(__name__)
+
+
+def _logger():
+    """accelerate's logger (only the main process logs; one adapter, so that `warning_once` works), with the
+    accelerate state it needs created if no `TrainingArguments` did it yet (e.g. a helper called on its own)."""
+    from accelerate import PartialState
+
+    PartialState()
+    return _accelerate_logger()
+
+
+def _close_match(name: str, candidates) -> str:
+    """` (did you mean `x`?)` for the closest of `candidates`, or an empty string."""
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args_and_config(parser, args: list[str] | None = None) -> tuple:
+    """Parses the command line and its `--config` file into the parser's dataclasses, as
+    `TrlParser.parse_args_and_config(fail_with_unknown_args=False)` does in TRL's scripts, plus:
+
+    * a key of the config file that no dataclass has (a typo such as `alpah`, an option a TRL release removed) is
+      still ignored, as TRL ignores it (a config shared with `trl <command>`'s launcher may hold `accelerate launch`
+      options), but named in a warning, with the closest field name;
+    * an unknown command-line argument is an error, with the closest field name.
+
+    Returns:
+        The dataclass instances, in the parser's order.
+    """
+    args = list(args) if args is not None else None
+    *dataclasses, config_remaining, cli_remaining = parser.parse_args_and_config(
+        args, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    fields = sorted({action.dest for action in parser._actions if action.dest != "help"})
+    if cli_remaining:
+        unknown = [item for item in cli_remaining if item.startswith("--")]
+        hints = "".join(f"\n  {item}{_close_match(item[2:], fields)}" for item in unknown)
+        raise ValueError(
+            f"Some specified arguments are not used by the HfArgumentParser: {cli_remaining}.{hints}\nRun the script "
+            "with --help for the list of arguments."
+        )
+    if config_remaining:
+        import sys
+
+        from accelerate.commands.launch import launch_command_parser
+
+        argv = args if args is not None else sys.argv[1:]
+        config_path = argv[argv.index("--config") + 1] if "--config" in argv else "the config file"
+        launcher_options = {action.dest for action in launch_command_parser()._actions} | {"accelerate_config"}
+        descriptions = []
+        for key in config_remaining[0::2]:  # `--key value` pairs
+            key = key[2:]
+            if key in launcher_options:
+                descriptions.append(
+                    f"`{key}` (an `accelerate launch` option: a launcher such as `trl <command>` reads it, this "
+                    "script does not)"
+                )
+            else:
+                descriptions.append(f"`{key}`{_close_match(key, fields)}")
+        names = ", ".join(type(instance).__name__ for instance in dataclasses)
+        _logger().warning(
+            f"Ignored {len(descriptions)} key(s) of {config_path} that no field of {names} has: "
+            f"{', '.join(descriptions)}. They have no effect on this run: fix or remove them."
+        )
+    return tuple(dataclasses)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Local paths
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _in_hub_cache(repo_id: str, repo_type: str, cache_dir: str | None = None) -> bool:
+    """Whether a Hub repository has been downloaded before (then it loads offline, and before any local folder)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    if any(os.path.isdir(os.path.join(root, folder)) for root in (constants.HF_HUB_CACHE, cache_dir) if root):
+        return True
+    if repo_type == "dataset":  # `datasets`' own cache of a prepared Hub dataset
+        import datasets
+
+        return os.path.isdir(os.path.join(str(datasets.config.HF_DATASETS_CACHE), repo_id.replace("/", "___")))
+    return False
+
+
+def _dataset_builders() -> set[str]:
+    """The names `load_dataset` takes as its own builders (`json`, `parquet`, ...), not as Hub ids."""
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:  # a private name: fall back to the builders a preference dataset is stored with
+        return {"arrow", "csv", "json", "pandas", "parquet", "text"}
+    return set(_PACKAGED_DATASETS_MODULES)
+
+
+def _offline(repo_type: str) -> bool:
+    from huggingface_hub import constants
+
+    if repo_type == "dataset":
+        import datasets
+
+        return bool(constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE)
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def missing_local_path(path: str, repo_type: str = "model", cache_dir: str | None = None) -> str | None:
+    """Why `path` cannot be loaded as a local file or folder nor as a Hub repository, or `None`.
+
+    `from_pretrained` and `load_dataset` take a missing local path for a Hub id and fail with a message about the Hub
+    (a repo-id validation error, "couldn't connect to huggingface.co", or minutes of retries without a network). A
+    path is taken as local when it is absolute, starts with `./`, `../` or `~`, ends with `/`, has more than one
+    separator (a Hub id is `name` or `org/name`), uses the platform's own separator where it is not `/`, ends with a
+    data file's extension (datasets), or is `org/name` where a folder `org` exists, unless `org/name` is in the Hub
+    cache. Any other name is a Hub id, refused only when `HF_HUB_OFFLINE` is set and it is not in the Hub cache
+    (`cache_dir`, if the model is loaded with one, included): then nothing could load it. A `datasets` builder name
+    (`json`, `parquet`, ...) is neither.
+    """
+    if not path:
+        return None
+    expanded = os.path.expanduser(path)
+    if os.path.exists(expanded):
+        return None
+    parts = path.split("/")
+    is_file_name = repo_type == "dataset" and Path(path).suffix.lower() in LOCAL_FILE_BUILDERS
+    if (
+        os.path.isabs(expanded)
+        or path.startswith(("~", "./", "../"))
+        or path.endswith("/")
+        or path in (".", "..")
+        or (os.sep != "/" and os.sep in path)
+        or len(parts) > 2
+        or is_file_name
+    ):
+        return f"{path}: no such file or directory"
+    if _in_hub_cache(path, repo_type, cache_dir):
+        return None
+    if len(parts) == 2 and os.path.isdir(parts[0]):
+        download = f"hf download {path}" + (" --repo-type dataset" if repo_type == "dataset" else "")
+        return (
+            f"{path}: no such file or directory in the folder {parts[0]!r} (which exists here, so {path!r} is read as "
+            f"a local path; to load the Hub repository {path!r} instead, download it first: `{download}`)"
+        )
+    if repo_type == "dataset" and path in _dataset_builders():
+        return None
+    if _offline(repo_type):
+        return (
+            f"{path}: no such file or directory, and no Hub repository of that name in the local cache "
+            "(HF_HUB_OFFLINE is set, so nothing is downloaded)"
+        )
+    return None
+
+
+def check_local_paths_exist(script_args, training_args, model_args, dataset_args) -> None:
+    """Raises `FileNotFoundError` naming every path among the model, the guidance model (TGDPO) and the dataset (or
+    the `datasets:` mixture's paths) that does not exist, all at once (see [`missing_local_path`])."""
+
+    def cache_dir_of(init_kwargs) -> str | None:
+        return init_kwargs.get("cache_dir") if isinstance(init_kwargs, dict) else None
+
+    model_cache_dir = cache_dir_of(training_args.model_init_kwargs)
+    paths = [("--model_name_or_path", model_args.model_name_or_path, "model", model_cache_dir)]
+    guidance = getattr(training_args, "guidance_model_name_or_path", None)
+    if guidance:
+        guidance_cache_dir = (
+            cache_dir_of(getattr(training_args, "guidance_model_init_kwargs", None)) or model_cache_dir
+        )
+        paths.append(("--guidance_model_name_or_path", guidance, "model", guidance_cache_dir))
+    if dataset_args is not None and getattr(dataset_args, "datasets", None):
+        paths += [
+            (f"datasets[{i}].path:", entry.path, "dataset", None) for i, entry in enumerate(dataset_args.datasets)
+        ]
+    elif script_args.dataset_name:
+        paths.append(("--dataset_name", script_args.dataset_name, "dataset", None))
+    problems = []
+    for name, path, repo_type, cache_dir in paths:
+        problem = missing_local_path(path, repo_type, cache_dir) if isinstance(path, str) else None
+        if problem is not None:
+            problems.append(f"  {name} {problem}")
+    if problems:
+        hint = ""
+        if any("tiny" in line for line in problems):
+            hint = (
+                " The tiny recipes' assets are built with `python -m trl_tokenpref.tiny outputs/tiny-model && "
+                "python -m trl_tokenpref.data outputs/tiny-data` (see the recipe's header)."
+            )
+        raise FileNotFoundError(
+            f"These paths do not exist (relative paths are read from {os.getcwd()}):\n"
+            + "\n".join(problems)
+            + f"\nFix the paths, or create what they name first.{hint}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def missing_checkpoint_files(checkpoint: str) -> list[str]:
+    """What the folder `checkpoint` lacks to be resumed from, or `[]` when it is complete (see
+    [`inspect_checkpoint`])."""
+    return inspect_checkpoint(checkpoint)[0]
+
+
+def inspect_checkpoint(checkpoint: str) -> tuple[list[str], bool]:
+    """What the folder `checkpoint` lacks to be resumed from (`[]` when it is complete), and whether `Trainer.train`
+    fails on it (it lacks the trainer state or the weights) rather than resuming without the rest, silently.
+
+    `Trainer._save_checkpoint` writes, in this order: the weights (or the adapter; TBPO-Q first writes its
+    `baseline_head.safetensors`), unless `save_only_model=True` the optimizer (`optimizer.pt`, or DeepSpeed's
+    `global_step*` folder, or FSDP's `optimizer*` folder; TBPO-Q adds `baseline_optimizer.pt`), the scheduler
+    (`scheduler.pt`) and the RNG state (`rng_state.pth`, `rng_state_<rank>.pth` with several processes), and last
+    `trainer_state.json`. A save that was interrupted (a `kill -9`, a lost node) leaves a folder without
+    `trainer_state.json` (or with a truncated one), from which `Trainer.train` fails. A checkpoint is complete when it
+    has a readable `trainer_state.json`, weights (every shard an index lists), and, when any optimizer, scheduler or
+    RNG file is there (the checkpoint was not saved with `save_only_model=True`), all of them.
+    """
+    from transformers.trainer import (
+        FSDP_MODEL_NAME,
+        OPTIMIZER_NAME,
+        OPTIMIZER_NAME_BIN,
+        SCALER_NAME,
+        SCHEDULER_NAME,
+        TRAINER_STATE_NAME,
+    )
+    from transformers.utils import (
+        ADAPTER_SAFE_WEIGHTS_NAME,
+        ADAPTER_WEIGHTS_NAME,
+        SAFE_WEIGHTS_INDEX_NAME,
+        SAFE_WEIGHTS_NAME,
+        WEIGHTS_INDEX_NAME,
+        WEIGHTS_NAME,
+    )
+
+    from .tbpo.baseline_head import BASELINE_HEAD_NAME, BASELINE_OPTIMIZER_NAME
+
+    files = {entry.name for entry in os.scandir(checkpoint) if entry.is_file()}
+    folders = {entry.name for entry in os.scandir(checkpoint) if entry.is_dir()}
+    missing = []  # what `Trainer.train` cannot resume without
+    if TRAINER_STATE_NAME not in files:
+        missing.append(TRAINER_STATE_NAME)
+    else:
+        try:
+            json.loads(Path(checkpoint, TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            missing.append(f"a readable {TRAINER_STATE_NAME} (it is truncated or corrupt)")
+
+    deepspeed = any(name.startswith("global_step") for name in folders)
+    adapter_folders = any(
+        Path(checkpoint, name, ADAPTER_SAFE_WEIGHTS_NAME).is_file()
+        or Path(checkpoint, name, ADAPTER_WEIGHTS_NAME).is_file()
+        for name in folders
+    )
+    weight_files = {SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME}
+    weight_files |= {ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, f"{FSDP_MODEL_NAME}.bin"}
+    fsdp_folders = any(FSDP_MODEL_NAME in name for name in folders)
+    if not (files & weight_files or fsdp_folders or adapter_folders or deepspeed):
+        missing.append(f"the model weights ({SAFE_WEIGHTS_NAME}, {ADAPTER_SAFE_WEIGHTS_NAME}, ...)")
+    for index_name in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
+        if index_name in files:
+            try:
+                index = json.loads(Path(checkpoint, index_name).read_text(encoding="utf-8"))
+                shards = set(index["weight_map"].values())
+            except (OSError, ValueError, KeyError, AttributeError):
+                missing.append(f"a readable {index_name}")
+                continue
+            missing += [f"{shard} (listed in {index_name})" for shard in sorted(shards - files)]
+    fatal = bool(missing)
+
+    # Without `save_only_model`, the optimizer, scheduler and RNG state are all saved: one of them present means
+    # they all should be (TBPO-Q's head optimizer with them)
+    optimizer = bool(files & {OPTIMIZER_NAME, OPTIMIZER_NAME_BIN}) or any("optimizer" in name for name in folders)
+    scheduler = SCHEDULER_NAME in files
+    rng_state = any(_RNG_STATE_FILE.match(name) for name in files)
+    full_save = (
+        optimizer or scheduler or rng_state or deepspeed or bool(files & {SCALER_NAME, BASELINE_OPTIMIZER_NAME})
+    )
+    if full_save:
+        if not (optimizer or deepspeed):
+            missing.append(OPTIMIZER_NAME)
+        if not (scheduler or deepspeed):  # DeepSpeed keeps its own scheduler's state in `global_step*`
+            missing.append(SCHEDULER_NAME)
+        if not rng_state:
+            missing.append("rng_state.pth")
+    if BASELINE_OPTIMIZER_NAME in files and BASELINE_HEAD_NAME not in files:
+        missing.append(BASELINE_HEAD_NAME)
+    if BASELINE_HEAD_NAME in files and full_save and BASELINE_OPTIMIZER_NAME not in files:
+        missing.append(BASELINE_OPTIMIZER_NAME)
+    return missing, fatal
+
+
+def _checkpoint_folders(output_dir: str) -> list[str]:
+    """The `checkpoint-<step>` folders of `output_dir`, newest (highest step) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = [
+        (int(match.group(1)), entry.path)
+        for entry in os.scandir(output_dir)
+        if entry.is_dir() and (match := _CHECKPOINT_FOLDER.match(entry.name))
+    ]
+    return [path for _, path in sorted(steps, reverse=True)]
+
+
+def check_checkpoint(checkpoint: str) -> None:
+    """Refuses a checkpoint folder that does not exist or that `Trainer.train` would fail on (no readable trainer
+    state, no weights: an interrupted save), and warns about one that lacks only the optimizer, scheduler or RNG state,
+    which `Trainer` would skip silently (the run then does not continue exactly as the original one)."""
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"`resume_from_checkpoint={checkpoint}`: no such checkpoint folder.")
+    missing, fatal = inspect_checkpoint(checkpoint)
+    if fatal:
+        raise ValueError(
+            f"The checkpoint {checkpoint} is incomplete: it lacks {', '.join(missing)} (its save was interrupted, "
+            "e.g. by a kill). Resume from an earlier checkpoint: `--resume_from_checkpoint last` picks the newest "
+            "complete one in `output_dir`."
+        )
+    if missing:
+        _logger().warning(
+            f"The checkpoint {checkpoint} lacks {', '.join(missing)}: training resumes from its weights and trainer "
+            "state, but not from what is missing, so it does not continue exactly as the original run."
+        )
+
+
+def resolve_resume_from_checkpoint(training_args) -> str | None:
+    """The checkpoint to resume from: `resume_from_checkpoint` as a path (checked by [`check_checkpoint`]), or
+    `true`/`last` for the newest complete checkpoint in `output_dir` (see [`missing_checkpoint_files`]).
+
+    With `last`, newer checkpoints that are incomplete (an interrupted save) are skipped with a warning that names
+    them and what they lack; they are left in place. It is an error if `output_dir` holds no checkpoint, or no
+    complete one: silently restarting from scratch would waste a run.
+    """
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() not in ("true", "last"):
+        return str(value)
+
+    output_dir = training_args.output_dir
+    checkpoints = _checkpoint_folders(output_dir)
+    if not checkpoints:
+        raise ValueError(
+            f"`resume_from_checkpoint={value}` asks for the last checkpoint in `output_dir`, but {output_dir!r} "
+            "holds no `checkpoint-*` folder. Pass a checkpoint path, or drop `resume_from_checkpoint` to start "
+            "from scratch."
+        )
+    incomplete = []
+    for checkpoint in checkpoints:
+        missing = missing_checkpoint_files(checkpoint)
+        if not missing:
+            for skipped, skipped_missing in incomplete:
+                _logger().warning(
+                    f"Skipping the incomplete checkpoint {skipped}: it lacks {', '.join(skipped_missing)} (its save "
+                    f"was interrupted, e.g. by a kill). Resuming from {checkpoint}, the newest complete one. The "
+                    f"folder {skipped} is left as it is; this run writes over it if it saves that step again."
+                )
+            return checkpoint
+        incomplete.append((checkpoint, missing))
+    details = "; ".join(f"{path} lacks {', '.join(missing)}" for path, missing in incomplete)
+    raise ValueError(
+        f"`resume_from_checkpoint={value}` asks for the last complete checkpoint in {output_dir!r}, but none of its "
+        f"checkpoints is complete: {details} (what an interrupted save leaves). Pass `--resume_from_checkpoint` with "
+        "a complete checkpoint's path, or drop it to start from scratch (with another `--output_dir` to keep these "
+        "folders)."
+    )
+
+
+def warn_if_output_dir_holds_checkpoints(training_args) -> None:
+    """A run that does not resume, into an `output_dir` with `checkpoint-*` folders, restarts from step 0 and writes
+    over (and, with `save_total_limit`, rotates away) the earlier run's checkpoints: warn before it does."""
+    value = training_args.resume_from_checkpoint
+    if value is not None and str(value).lower() not in ("", "false", "none"):
+        return
+    checkpoints = _checkpoint_folders(training_args.output_dir)
+    if not checkpoints:
+        return
+    names = ", ".join(os.path.basename(path) for path in reversed(checkpoints))
+    saving = str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no"
+    consequence = ""
+    if saving:
+        consequence = " Its checkpoints write over those with the same step numbers"
+        if training_args.save_total_limit:
+            consequence += (
+                f", and `save_total_limit={training_args.save_total_limit}` deletes the oldest (the earlier run's "
+                "first) as it saves"
+            )
+        consequence += "."
+    _logger().warning(
+        f"{training_args.output_dir!r} already holds checkpoints of an earlier run ({names}), and this run starts "
+        f"from step 0.{consequence} To continue the earlier run, pass `--resume_from_checkpoint last`; to keep its "
+        "checkpoints, pass another `--output_dir`."
+    )
+
+
+def check_before_loading(script_args, training_args, model_args, dataset_args) -> None:
+    """What the scripts check before loading anything (seconds, instead of failing after the model is loaded or
+    hours into a run):
+
+    * the local paths of the model, the guidance model and the dataset exist ([`check_local_paths_exist`]);
+    * `resume_from_checkpoint` resolves to a complete checkpoint ([`resolve_resume_from_checkpoint`],
+      [`check_checkpoint`]); the resolved path replaces `true`/`last` in `training_args.resume_from_checkpoint`, so
+      the skipped checkpoints are reported once;
+    * a run that does not resume is warned when `output_dir` holds checkpoints
+      ([`warn_if_output_dir_holds_checkpoints`]).
+    """
+    check_local_paths_exist(script_args, training_args, model_args, dataset_args)
+    checkpoint = resolve_resume_from_checkpoint(training_args)
+    if checkpoint is not None:
+        check_checkpoint(checkpoint)
+    training_args.resume_from_checkpoint = checkpoint
+    warn_if_output_dir_holds_checkpoints(training_args)
+
+
+@contextlib.contextmanager
+def hide_deprecated_checkpointing_alias_warning():
+    """Hides transformers' FutureWarning "`is_gradient_checkpointing` is deprecated", which TRL's
+    `disable_gradient_checkpointing` (used by the trainers' reference and guidance passes) raises on every evaluation
+    and checkpoint whatever the user sets: the user cannot act on it. Every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model and data
+# ------------------------------------------------------------------------------------------------------------------
 
 
 def set_model_init_kwargs(training_args, model_args) -> None:
@@ -54,15 +508,12 @@ def load_preference_dataset(script_args, dataset_args):
     Returns:
         [`~datasets.DatasetDict`] (or [`~datasets.IterableDatasetDict`] when streaming): the splits by name.
     """
-    from accelerate.logging import get_logger
     from datasets import DatasetDict, load_dataset, load_from_disk
     from trl import get_dataset
 
-    logger = get_logger(__name__)
-
     if dataset_args.datasets:
         if script_args.dataset_name:
-            logger.warning(
+            _logger().warning(
                 "Both `datasets` and `dataset_name` are provided. The `datasets` argument will be used to load the "
                 "dataset and `dataset_name` will be ignored."
             )
@@ -75,9 +526,10 @@ def load_preference_dataset(script_args, dataset_args):
 
     path = Path(script_args.dataset_name)
     streaming = script_args.dataset_streaming
-    if path.suffix.lower() in LOCAL_FILE_BUILDERS and not path.exists():
+    problem = missing_local_path(script_args.dataset_name, repo_type="dataset")
+    if problem is not None:
         # Otherwise `load_dataset` would look the path up on the Hub and fail with an unrelated message
-        raise FileNotFoundError(f"The dataset file {path} does not exist.")
+        raise FileNotFoundError(f"The dataset path does not exist: {problem}.")
     if path.is_file():
         builder = LOCAL_FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
@@ -95,30 +547,49 @@ def load_preference_dataset(script_args, dataset_args):
     return load_dataset(script_args.dataset_name, name=script_args.dataset_config, streaming=streaming)
 
 
-def resolve_resume_from_checkpoint(training_args) -> str | None:
-    """The checkpoint to resume from: `resume_from_checkpoint` as a path, or `true`/`last` for the last checkpoint
-    in `output_dir` (an error if there is none: silently restarting from scratch would waste a run)."""
-    from transformers.trainer_utils import get_last_checkpoint
+def select_splits(dataset, script_args, training_args) -> tuple:
+    """The train split and, when the run evaluates (`eval_strategy != "no"`), the test split of `dataset`, or `None`.
 
-    value = training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "none"):
-        return None
-    if str(value).lower() in ("true", "last"):
-        output_dir = training_args.output_dir
-        checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if checkpoint is None:
-            raise ValueError(
-                f"`resume_from_checkpoint={value}` asks for the last checkpoint in `output_dir`, but {output_dir!r} "
-                "holds no `checkpoint-*` folder. Pass a checkpoint path, or drop `resume_from_checkpoint` to start "
-                "from scratch."
-            )
-        return checkpoint
-    return str(value)
+    A missing split is an error that names the splits the dataset has and what to pass, instead of a bare `KeyError`
+    (e.g. a single `train.jsonl`, which is one split, with a recipe that evaluates).
+    """
+    splits = list(dataset.keys())
+    name = script_args.dataset_name or "the `datasets:` mixture"
+    train_split = script_args.dataset_train_split
+    if train_split not in dataset:
+        raise ValueError(
+            f"The dataset {name} has no {train_split!r} split to train on (its splits: {splits}). Pass "
+            "`--dataset_train_split NAME` with one of them."
+        )
+    eval_strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
+    if eval_strategy == "no":
+        return dataset[train_split], None
+    test_split = script_args.dataset_test_split
+    if test_split not in dataset:
+        others = [split for split in splits if split != train_split]
+        choice = f" (e.g. `--dataset_test_split {others[0]}`)" if others else ""
+        raise ValueError(
+            f"The run evaluates (`eval_strategy={eval_strategy!r}`) on the {test_split!r} split, but the dataset "
+            f"{name} has no such split (its splits: {splits}). Pass `--dataset_test_split NAME` with one of its "
+            f"splits{choice}, "
+            "`--eval_strategy no` to train without evaluating, or a dataset with a test split (a folder holding "
+            "train.jsonl and test.jsonl; for a `datasets:` mixture, `test_split_size`)."
+        )
+    return dataset[train_split], dataset[test_split]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------------------------
 
 
 def train_and_save(trainer, script_args, training_args) -> None:
     """Trains (resuming if asked), saves the model to `output_dir`, pushes it to the Hub if `push_to_hub` is set, and
-    closes the trackers, printing one progress line per step on the main process."""
+    closes the trackers.
+
+    The trainer's progress bar (one line, advanced every step) and its logs every `logging_steps` show on the main
+    process, unless `disable_tqdm=True` (then the logs are printed as dicts instead).
+    """
     import transformers
     from packaging.version import Version
 
@@ -133,7 +604,8 @@ def train_and_save(trainer, script_args, training_args) -> None:
     checkpoint = resolve_resume_from_checkpoint(training_args)
     if checkpoint is not None:
         trainer.accelerator.print(f"🔁 Resuming from {checkpoint}.")
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with hide_deprecated_checkpointing_alias_warning():
+        trainer.train(resume_from_checkpoint=checkpoint)
     trainer.accelerator.print("✅ Training completed.")
 
     trainer.save_model(training_args.output_dir)

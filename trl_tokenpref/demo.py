@@ -31,14 +31,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
     import datasets
+    import transformers
     from transformers import AutoTokenizer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     from trl_tokenpref import TDPOConfig, TDPOTrainer
+    from trl_tokenpref.cli import hide_deprecated_checkpointing_alias_warning
     from trl_tokenpref.data import load_default_dataset
     from trl_tokenpref.tiny import build_tiny_model
 
+    # The table below is the demo's output: no progress bars for the tiny model's loading and saving either
     datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
     model_path = build_tiny_model(output_dir / "tiny-model", seed=args.seed)
@@ -65,9 +69,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         per_device_eval_batch_size=32,
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",
-        # fp32 and no gradient checkpointing: the tiny model gains nothing from TRL's GPU-oriented defaults on CPU
+        # fp32 and no activation checkpointing: the tiny model gains nothing from TRL's GPU-oriented defaults on CPU.
+        # `activation_checkpointing`, not its deprecated alias `gradient_checkpointing` (which warns when set)
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         logging_steps=max(1, args.steps // 12),
         save_strategy="no",
         report_to="none",
@@ -86,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.remove_callback(PrinterCallback)  # our table replaces the raw log dicts
     print(f"Training {args.variant.upper()} (alpha={args.alpha}, beta={args.beta}) for {args.steps} steps")
     print(" step " + " ".join(f"{key:>18}" for key in columns))
-    trainer.train()
-    metrics = trainer.evaluate()
+    with hide_deprecated_checkpointing_alias_warning():
+        trainer.train()
+        metrics = trainer.evaluate()
     print("Held-out evaluation:")
     for key in ["eval_loss", "eval_rewards/accuracies", "eval_kl/chosen", "eval_kl/rejected", "eval_kl/margin"]:
         print(f"  {key:<26} {metrics[key]:.4f}")

@@ -28,6 +28,7 @@ Both are only KL estimates when the samples come from πθ itself: with `tempera
 estimate `E_{y ~ sampler}[log πθ/π_ref]` instead.
 """
 
+import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -92,6 +93,151 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Input checks: at the call (or at the callback's construction), not deep inside torch or after hours of training
+# ------------------------------------------------------------------------------------------------------------------
+
+# The sampling arguments of `generate_completions` that `evaluate_policy` and `GenerationEvalCallback` pass through
+SAMPLING_ARGUMENTS = (
+    "max_new_tokens",
+    "num_samples_per_prompt",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "batch_size",
+)
+
+
+def _check_sampling_arguments(
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    num_samples_per_prompt: int = 1,
+    batch_size: int = 64,
+) -> None:
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for name, value in (
+        ("max_new_tokens", max_new_tokens),
+        ("num_samples_per_prompt", num_samples_per_prompt),
+        ("batch_size", batch_size),
+    ):
+        if not (is_int(value) and value >= 1):
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    if not (is_int(top_k) and top_k >= 0):
+        raise ValueError(f"`top_k` must be an integer >= 0 (0 disables top-k filtering), got {top_k!r}.")
+    if not is_int(seed):
+        raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"`temperature` must be a finite number > 0 (1.0 samples from the policy), got {temperature!r}."
+        )
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"`top_p` must be in (0, 1] (1.0 disables nucleus filtering), got {top_p!r}.")
+
+
+def _check_prompts(prompts) -> list[str]:
+    """`prompts` as a list of strings, or a `TypeError`/`ValueError` saying what is wrong with it."""
+    if isinstance(prompts, str):
+        raise TypeError(
+            "`prompts` must be a sequence of strings, got a single string, which would be read as one prompt per "
+            "character: pass `[prompt]`."
+        )
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise TypeError(f"`prompts` must be a sequence of strings, got {type(prompts).__name__}.") from None
+    if not prompts:
+        raise ValueError("`prompts` is empty: give at least one prompt to generate from.")
+    not_strings = [i for i, prompt in enumerate(prompts) if not isinstance(prompt, str)]
+    if not_strings:
+        raise TypeError(
+            f"`prompts` must hold strings, but {len(not_strings)} do not (indices {not_strings[:10]}; the first is a "
+            f"{type(prompts[not_strings[0]]).__name__}). Render a conversational prompt to text first, e.g. with "
+            "`tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`."
+        )
+    return prompts
+
+
+def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+    """The token ids of each prompt (plain text, no special tokens), refusing prompts without any token."""
+    encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    empty = [i for i, ids in enumerate(encoded) if len(ids) == 0]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} prompt(s) have no token (indices {empty[:10]}, e.g. {prompts[empty[0]]!r}): the first "
+            "completion token is predicted from the prompt's last token, so every prompt needs at least one. Remove "
+            "them or give them text."
+        )
+    return encoded
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    """Width of the model's output logits: its LM head's `out_features` (a quantised head's weight is packed, so its
+    shape says nothing), else `config.vocab_size`."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_features = getattr(head, "out_features", None)
+    if isinstance(out_features, int):
+        return out_features
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def _check_same_vocabulary(policy: torch.nn.Module, reference: torch.nn.Module | None) -> None:
+    if reference is None:
+        return
+    policy_size, reference_size = _vocab_size(_unwrap(policy)), _vocab_size(_unwrap(reference))
+    if policy_size is not None and reference_size is not None and policy_size != reference_size:
+        raise ValueError(
+            f"The policy and the reference have different vocabularies ({policy_size} and {reference_size} output "
+            "logits): every KL compares their next-token distributions token by token, so they must share one "
+            "tokenizer. Pass the reference the policy was trained from (e.g. its SFT model)."
+        )
+
+
+def _check_token_ids(rows: Sequence[Sequence[int]], model: torch.nn.Module, what: str) -> None:
+    vocab_size = _vocab_size(_unwrap(model))
+    largest = max((max(row) for row in rows if len(row) > 0), default=None)
+    if vocab_size is not None and largest is not None and (largest >= vocab_size or largest < 0):
+        raise ValueError(
+            f"The {what} hold token id {largest}, but the model has {vocab_size} output logits: the tokenizer is not "
+            "the model's. Use the tokenizer the model was trained with."
+        )
+
+
+def _check_pairs(pairs) -> list[tuple[str, str, str]]:
+    """`(prompt, chosen, rejected)` triples from triples or rows with those keys, or an error naming the bad row."""
+    if isinstance(pairs, (str, dict)):
+        raise TypeError(
+            "`preference_pairs` must be a sequence of (prompt, chosen, rejected) triples or rows with those keys, "
+            f"got a single {type(pairs).__name__}: wrap it in a list."
+        )
+    triples = []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, dict):
+            lacking = [key for key in ("prompt", "chosen", "rejected") if key not in pair]
+            if lacking:
+                raise ValueError(f"Preference pair {i} has no {lacking} key(s); its keys are {sorted(pair)}.")
+            triple = (pair["prompt"], pair["chosen"], pair["rejected"])
+        elif isinstance(pair, (list, tuple)) and len(pair) == 3:
+            triple = tuple(pair)
+        else:
+            raise TypeError(
+                f"Preference pair {i} must be a (prompt, chosen, rejected) triple or a row with those keys, got "
+                f"{pair!r:.100}."
+            )
+        if not all(isinstance(text, str) for text in triple):
+            raise TypeError(
+                f"Preference pair {i} must hold strings (plain text, as in TRL's standard format), got types "
+                f"{[type(text).__name__ for text in triple]}."
+            )
+        triples.append(triple)
+    return triples
+
+
 @torch.no_grad()
 def generate_completions(
     model: PreTrainedModel,
@@ -139,11 +285,25 @@ def generate_completions(
     Returns:
         [`Generations`]: The prompts, token ids and decoded texts.
     """
+    prompts = _check_prompts(prompts)
+    _check_sampling_arguments(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        num_samples_per_prompt=num_samples_per_prompt,
+        batch_size=batch_size,
+    )
     model = _unwrap(model)
     device = _device_of(model)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_token_id is None:
+        raise ValueError("The tokenizer has neither a pad token nor an EOS token: set `tokenizer.pad_token`.")
+    encoded_prompts = _encode_prompts(tokenizer, prompts)
+    _check_token_ids(encoded_prompts, model, "tokenized prompts")
     expanded = [prompt for prompt in prompts for _ in range(num_samples_per_prompt)]
-    encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in expanded]
+    encoded = [list(ids) for ids in encoded_prompts for _ in range(num_samples_per_prompt)]
     completion_ids = []
     was_training = model.training
     model.eval()
@@ -266,8 +426,21 @@ def score_completions(
     """
     policy = _unwrap(policy)
     reference = None if reference is None else _unwrap(reference)
-    if any(len(ids) == 0 for ids in prompt_ids):
-        raise ValueError("Every prompt needs at least one token: the first completion token is predicted from it.")
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(
+            f"`prompt_ids` and `completion_ids` must have one row each per completion, got {len(prompt_ids)} and "
+            f"{len(completion_ids)} rows."
+        )
+    if len(prompt_ids) == 0:
+        raise ValueError("Nothing to score: `prompt_ids` and `completion_ids` are empty.")
+    empty = [i for i, ids in enumerate(prompt_ids) if len(ids) == 0]
+    if empty:
+        raise ValueError(
+            f"Every prompt needs at least one token (the first completion token is predicted from it), but rows "
+            f"{empty[:10]} have none."
+        )
+    _check_same_vocabulary(policy, reference)
+    _check_token_ids([*prompt_ids, *completion_ids], policy, "prompts and completions")
     device = _device_of(policy)
     sums: dict[str, list[torch.Tensor]] = {name: [] for name in ("lr", "rkl", "fkl", "ent", "n")}
     modes = policy.training, None if reference is None else reference.training
@@ -459,7 +632,9 @@ def pair_sequence_kl(
         `dict[str, float]`: `kl_chosen`, `kl_rejected`, `kl_margin` (chosen − rejected, the sign convention of TDPO's
         `kl/margin`) for the forward KL, and `reverse_kl_chosen`, `reverse_kl_rejected`, `reverse_kl_margin`.
     """
-    triples = [(p["prompt"], p["chosen"], p["rejected"]) if isinstance(p, dict) else tuple(p) for p in pairs]
+    triples = _check_pairs(pairs)
+    if not triples:
+        raise ValueError("`pairs` is empty: give at least one (prompt, chosen, rejected) triple.")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def encode(text: str) -> list[int]:
@@ -537,6 +712,12 @@ def evaluate_policy(
 
         And the [`Generations`] if `return_generations=True`.
     """
+    if not callable(reward_fn):
+        raise TypeError(f"`reward_fn` must be a callable (list of texts -> rewards), got {type(reward_fn).__name__}.")
+    # Before sampling: a reference with another vocabulary or a malformed pair would only fail once sampled
+    _check_same_vocabulary(policy, reference)
+    if preference_pairs is not None:
+        _check_pairs(preference_pairs)
     generations = generate_completions(
         policy,
         tokenizer,
@@ -584,7 +765,12 @@ class GenerationEvalCallback(TrainerCallback):
     ...) into `trainer.state.log_history`, with their `step`; every evaluation is also kept in `self.history`. When the
     callback knows its trainer (pass `trainer=` or call [`attach`]), the other callbacks' `on_log` (printing, W&B,
     TensorBoard) receive them too. They are appended directly rather than through `trainer.log`, because TRL's
-    trainers flush their accumulated training metrics in `log`.
+    trainers flush their accumulated training metrics in `log`. The step-0 evaluation reaches the other callbacks
+    (the console's progress bar included) at the first step, once they have all started.
+
+    The arguments (prompts, pairs, sampling settings, the names in `**generation_kwargs`) are checked when the callback
+    is built, and the reference's vocabulary against the policy's when training begins, rather than at the first
+    evaluation, `every_n_steps` steps into training.
 
     Sampling uses a fixed seed (the same samples for the same model) under a forked RNG, so evaluating does not change
     the training run's random draws, and two methods evaluated with the same callback settings see the same
@@ -638,11 +824,36 @@ class GenerationEvalCallback(TrainerCallback):
         trainer=None,
         **generation_kwargs,
     ):
-        if every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be a positive integer, got {every_n_steps}.")
+        # Everything is checked here, at construction: a mistake would otherwise surface at the first evaluation,
+        # after `every_n_steps` steps of training
+        unknown = sorted(set(generation_kwargs) - set(SAMPLING_ARGUMENTS))
+        if unknown:
+            hints = []
+            for name in unknown:
+                match = difflib.get_close_matches(name, SAMPLING_ARGUMENTS, n=1)
+                hints.append(f"`{name}`" + (f" (did you mean `{match[0]}`?)" if match else ""))
+            raise TypeError(
+                f"GenerationEvalCallback got unknown argument(s) {', '.join(hints)}. Its generation arguments are "
+                f"{', '.join(SAMPLING_ARGUMENTS)}."
+            )
+        _check_sampling_arguments(**generation_kwargs)
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be a positive integer, got {every_n_steps!r}.")
+        if not isinstance(reference, torch.nn.Module):
+            raise TypeError(
+                f"`reference` must be the reference model (a torch module), got {type(reference).__name__}."
+            )
+        if not callable(reward_fn):
+            raise TypeError(
+                f"`reward_fn` must be a callable (list of texts -> rewards), got {type(reward_fn).__name__}."
+            )
+        prompts = _check_prompts(prompts)
+        _check_token_ids(_encode_prompts(tokenizer, prompts), reference, "tokenized prompts")
+        if preference_pairs is not None:
+            preference_pairs = _check_pairs(preference_pairs)
         self.reference = reference.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.prompts = list(prompts)
+        self.prompts = prompts
         self.reward_fn = reward_fn
         self.every_n_steps = every_n_steps
         self.eval_on_start = eval_on_start
@@ -652,6 +863,9 @@ class GenerationEvalCallback(TrainerCallback):
         self.generation_kwargs = generation_kwargs
         self.history: list[dict[str, float]] = []
         self._last_step = None
+        # The step-0 logs, sent to the other callbacks at the first step: at `on_train_begin` the progress bar, which
+        # prints the logs, does not exist yet (the trainer adds its progress callback after the user's callbacks)
+        self._pending_logs: dict[str, float] | None = None
 
     def attach(self, trainer) -> "GenerationEvalCallback":
         """Forwards the logs to `trainer`'s other callbacks from now on; returns the callback."""
@@ -674,7 +888,9 @@ class GenerationEvalCallback(TrainerCallback):
         )
         return {"step": step, **metrics}
 
-    def _evaluate_and_log(self, model, state) -> None:
+    def _evaluate_and_log(self, model, state, defer: bool = False) -> None:
+        """Evaluates `model` at this step (once), appends the logs to `state.log_history` and hands them to the other
+        callbacks now or, with `defer`, at the next step."""
         if model is None or self._last_step == state.global_step:
             return
         self._last_step = state.global_step
@@ -689,22 +905,41 @@ class GenerationEvalCallback(TrainerCallback):
         # Appended directly, not through `trainer.log`: TRL's trainers merge and clear their accumulated training
         # metrics in `log`, which would steal them from the next regular training log
         state.log_history.append(logs)
-        if self.trainer is not None:
-            # `call_event`, not `on_log`: `CallbackHandler.on_log` also clears `control.should_log`, which would skip
-            # the trainer's own log of this step
-            trainer = self.trainer
-            trainer.control = trainer.callback_handler.call_event(
-                "on_log", trainer.args, state, trainer.control, logs=dict(logs)
-            )
+        if defer:
+            self._pending_logs = logs
+        else:
+            self._send_logs(state, logs)
+
+    def _send_logs(self, state, logs: dict[str, float]) -> None:
+        """Hands `logs` to the trainer's other callbacks (printing, progress bar, trackers), if it is known."""
+        if self.trainer is None:
+            return
+        # `call_event`, not `on_log`: `CallbackHandler.on_log` also clears `control.should_log`, which would skip the
+        # trainer's own log of this step
+        trainer = self.trainer
+        trainer.control = trainer.callback_handler.call_event(
+            "on_log", trainer.args, state, trainer.control, logs=dict(logs)
+        )
+
+    def _send_pending_logs(self, state) -> None:
+        if self._pending_logs is not None:
+            logs, self._pending_logs = self._pending_logs, None
+            self._send_logs(state, logs)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            _check_same_vocabulary(model, self.reference)
         if self.eval_on_start:
-            self._evaluate_and_log(model, state)
+            self._evaluate_and_log(model, state, defer=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._send_pending_logs(state)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every_n_steps == 0 or state.global_step == state.max_steps:
             self._evaluate_and_log(model, state)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._send_pending_logs(state)  # a run without any step
         # The last step of an epoch-based run whose length is not a multiple of the period
         self._evaluate_and_log(model, state)
