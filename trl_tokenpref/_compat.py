@@ -15,6 +15,7 @@ Three kinds of reach-in:
   [`DPO_TRAINER_ATTRIBUTES`], whose names and signatures the contract tests check.
 """
 
+import contextlib
 from importlib.metadata import version
 
 from packaging.version import Version
@@ -37,9 +38,6 @@ from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: E402
 
 # TGDPO's guidance model is wrapped as DPOTrainer wraps its reference (frozen, evaluation mode) under DeepSpeed / FSDP.
 from trl.models import prepare_deepspeed, prepare_fsdp  # noqa: E402
-
-# Reference pass without gradient checkpointing (avoids a PyTorch warning under reentrant checkpointing).
-from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
 # The collator DPOTrainer uses (a public class in a non-top-level module), and the trainer whose tokenization
 # `tokenize_preference_dataset` reuses.
@@ -129,6 +127,33 @@ def dataset_cache_file(dataset, fingerprint: str) -> str:
     return dataset._get_cache_file_path(fingerprint)
 
 
+def dataset_builder_names() -> set[str]:
+    """The names `datasets.load_dataset` takes as its own builders (`json`, `parquet`, ...), not as Hub ids."""
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:  # fall back to the builders a preference dataset is stored with
+        return {"arrow", "csv", "json", "pandas", "parquet", "text"}
+    return set(_PACKAGED_DATASETS_MODULES)
+
+
+@contextlib.contextmanager
+def disable_gradient_checkpointing(model, gradient_checkpointing_kwargs: dict | None = None):
+    """Gradient (activation) checkpointing off for a reference pass, restored afterwards: TRL's helper of the same
+    name, through transformers' non-deprecated `activation_checkpointing` names where they exist (5.24 renamed them
+    and warns on the old ones at every call)."""
+    was_enabled = getattr(model, "is_activation_checkpointing", None)
+    if was_enabled is None:
+        was_enabled = model.is_gradient_checkpointing
+    if was_enabled:
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+            enable(gradient_checkpointing_kwargs)
+
+
 def attn_implementation(config) -> str | None:
     """The attention implementation a loaded model uses (`config._attn_implementation`), to load a second model of the
     run the same way."""
@@ -169,6 +194,7 @@ __all__ = [
     "DataCollatorForPreference",
     "attn_implementation",
     "create_model_from_path",
+    "dataset_builder_names",
     "dataset_cache_file",
     "dataset_fingerprint",
     "disable_dropout_in_model",

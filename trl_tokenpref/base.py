@@ -393,6 +393,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
         per-token KL keeps DPOTrainer's precompute."""
         if not self._uses_reference_cache:
             return super()._precompute_ref_logps(dataset, name, batch_size)
+        precompute.check_map_style(dataset)
         self._add_token_stats_heads()
         self.data_collator = with_per_token_collator(self.data_collator)
         k = self.args.ref_top_k

@@ -12,6 +12,7 @@ refuses bad input with the row index, the problem and the fix, before any traini
 """
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -206,24 +207,97 @@ def listed_rows(rows) -> str:
     return listed + (", ..." if len(rows) > LISTED_ROWS else "")
 
 
-def looks_like_local_path(name: str) -> bool:
-    """Whether a model or dataset name can only be a local path: absolute, `~`, `./` or `../`, more than one `/`
-    (a Hub identifier is `name` or `org/name`), or an `org/name` whose `org` is an existing local folder."""
-    if name.startswith(("/", "~", "./", "../", ".\\", "..\\")) or "\\" in name or os.path.isabs(name):
+# Builder of `datasets.load_dataset` for each local file extension
+LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _in_hub_cache(repo_id: str, repo_type: str, cache_dir: str | None = None) -> bool:
+    """Whether a Hub repository has been downloaded before (then it loads offline, and before any local folder)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    if any(os.path.isdir(os.path.join(root, folder)) for root in (constants.HF_HUB_CACHE, cache_dir) if root):
         return True
-    parts = name.split("/")
-    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+    if repo_type == "dataset":  # `datasets`' own cache of a prepared Hub dataset
+        import datasets
+
+        return os.path.isdir(os.path.join(str(datasets.config.HF_DATASETS_CACHE), repo_id.replace("/", "___")))
+    return False
 
 
-def check_local_path(name: str, what: str) -> None:
-    """Refuse at once a local-looking path that does not exist, which `from_pretrained` would otherwise look up on the
-    Hub (minutes of retries, then an unrelated error)."""
-    if looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
-        parent = os.path.dirname(os.path.abspath(os.path.expanduser(name)))
-        hint = "" if os.path.isdir(parent) else f" (its folder {parent} does not exist either)"
+def _dataset_builders() -> set[str]:
+    """The names `load_dataset` takes as its own builders (`json`, `parquet`, ...), not as Hub ids."""
+    from ._compat import dataset_builder_names
+
+    return dataset_builder_names()
+
+
+def _offline(repo_type: str) -> bool:
+    from huggingface_hub import constants
+
+    if repo_type == "dataset":
+        import datasets
+
+        return bool(constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE)
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def missing_local_path(path: str, repo_type: str = "model", cache_dir: str | None = None) -> str | None:
+    """Why `path` cannot be loaded as a local file or folder nor as a Hub repository, or `None`.
+
+    `from_pretrained` and `load_dataset` take a missing local path for a Hub id and fail with a message about the Hub
+    (a repo-id validation error, "couldn't connect to huggingface.co", or minutes of retries without a network). A
+    path is taken as local when it is absolute, starts with `./`, `../` or `~`, ends with `/`, has more than one
+    separator (a Hub id is `name` or `org/name`), uses the platform's own separator where it is not `/`, ends with a
+    data file's extension (datasets), or is `org/name` where a folder `org` exists, unless `org/name` is in the Hub
+    cache. Any other name is a Hub id, refused only when `HF_HUB_OFFLINE` is set and it is not in the Hub cache
+    (`cache_dir`, if the model is loaded with one, included): then nothing could load it. A `datasets` builder name
+    (`json`, `parquet`, ...) is neither.
+    """
+    if not path:
+        return None
+    expanded = os.path.expanduser(path)
+    if os.path.exists(expanded):
+        return None
+    parts = path.split("/")
+    is_file_name = repo_type == "dataset" and Path(path).suffix.lower() in LOCAL_FILE_BUILDERS
+    if (
+        os.path.isabs(expanded)
+        or path.startswith(("~", "./", "../"))
+        or path.endswith("/")
+        or path in (".", "..")
+        or (os.sep != "/" and os.sep in path)
+        or len(parts) > 2
+        or is_file_name
+    ):
+        return f"{path}: no such file or directory"
+    if _in_hub_cache(path, repo_type, cache_dir):
+        return None
+    if len(parts) == 2 and os.path.isdir(parts[0]):
+        download = f"hf download {path}" + (" --repo-type dataset" if repo_type == "dataset" else "")
+        return (
+            f"{path}: no such file or directory in the folder {parts[0]!r} (which exists here, so {path!r} is read as "
+            f"a local path; to load the Hub repository {path!r} instead, download it first: `{download}`)"
+        )
+    if repo_type == "dataset" and path in _dataset_builders():
+        return None
+    if _offline(repo_type):
+        return (
+            f"{path}: no such file or directory, and no Hub repository of that name in the local cache "
+            "(HF_HUB_OFFLINE is set, so nothing is downloaded)"
+        )
+    return None
+
+
+def check_local_path(name: str, what: str, repo_type: str = "model") -> None:
+    """Refuse at once a model path that cannot load (see [`missing_local_path`]), which `from_pretrained` would
+    otherwise look up on the Hub: minutes of retries, then an unrelated error."""
+    problem = missing_local_path(name, repo_type)
+    if problem is not None:
         raise FileNotFoundError(
-            f"The {what} {name!r} looks like a local path, but it does not exist{hint}. Check the path; a Hub "
-            "identifier has the form 'name' or 'org/name'."
+            f"The {what} cannot be loaded: {problem}. Check the path (relative paths are read from {os.getcwd()}); a "
+            "Hub identifier has the form 'name' or 'org/name'."
         )
 
 

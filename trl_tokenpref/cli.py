@@ -30,9 +30,8 @@ import re
 import warnings
 from pathlib import Path
 
+from .checks import LOCAL_FILE_BUILDERS, missing_local_path
 
-# Builder of `datasets.load_dataset` for each local file extension.
-LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 _CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
 _RNG_STATE_FILE = re.compile(r"^rng_state(_\d+)?\.pth$")
@@ -118,87 +117,6 @@ def parse_args_and_config(parser, args: list[str] | None = None) -> tuple:
 # ------------------------------------------------------------------------------------------------------------------
 # Local paths
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def _in_hub_cache(repo_id: str, repo_type: str, cache_dir: str | None = None) -> bool:
-    """Whether a Hub repository has been downloaded before (then it loads offline, and before any local folder)."""
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    folder = repo_folder_name(repo_id=repo_id, repo_type=repo_type)
-    if any(os.path.isdir(os.path.join(root, folder)) for root in (constants.HF_HUB_CACHE, cache_dir) if root):
-        return True
-    if repo_type == "dataset":  # `datasets`' own cache of a prepared Hub dataset
-        import datasets
-
-        return os.path.isdir(os.path.join(str(datasets.config.HF_DATASETS_CACHE), repo_id.replace("/", "___")))
-    return False
-
-
-def _dataset_builders() -> set[str]:
-    """The names `load_dataset` takes as its own builders (`json`, `parquet`, ...), not as Hub ids."""
-    try:
-        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
-    except ImportError:  # a private name: fall back to the builders a preference dataset is stored with
-        return {"arrow", "csv", "json", "pandas", "parquet", "text"}
-    return set(_PACKAGED_DATASETS_MODULES)
-
-
-def _offline(repo_type: str) -> bool:
-    from huggingface_hub import constants
-
-    if repo_type == "dataset":
-        import datasets
-
-        return bool(constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE)
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def missing_local_path(path: str, repo_type: str = "model", cache_dir: str | None = None) -> str | None:
-    """Why `path` cannot be loaded as a local file or folder nor as a Hub repository, or `None`.
-
-    `from_pretrained` and `load_dataset` take a missing local path for a Hub id and fail with a message about the Hub
-    (a repo-id validation error, "couldn't connect to huggingface.co", or minutes of retries without a network). A
-    path is taken as local when it is absolute, starts with `./`, `../` or `~`, ends with `/`, has more than one
-    separator (a Hub id is `name` or `org/name`), uses the platform's own separator where it is not `/`, ends with a
-    data file's extension (datasets), or is `org/name` where a folder `org` exists, unless `org/name` is in the Hub
-    cache. Any other name is a Hub id, refused only when `HF_HUB_OFFLINE` is set and it is not in the Hub cache
-    (`cache_dir`, if the model is loaded with one, included): then nothing could load it. A `datasets` builder name
-    (`json`, `parquet`, ...) is neither.
-    """
-    if not path:
-        return None
-    expanded = os.path.expanduser(path)
-    if os.path.exists(expanded):
-        return None
-    parts = path.split("/")
-    is_file_name = repo_type == "dataset" and Path(path).suffix.lower() in LOCAL_FILE_BUILDERS
-    if (
-        os.path.isabs(expanded)
-        or path.startswith(("~", "./", "../"))
-        or path.endswith("/")
-        or path in (".", "..")
-        or (os.sep != "/" and os.sep in path)
-        or len(parts) > 2
-        or is_file_name
-    ):
-        return f"{path}: no such file or directory"
-    if _in_hub_cache(path, repo_type, cache_dir):
-        return None
-    if len(parts) == 2 and os.path.isdir(parts[0]):
-        download = f"hf download {path}" + (" --repo-type dataset" if repo_type == "dataset" else "")
-        return (
-            f"{path}: no such file or directory in the folder {parts[0]!r} (which exists here, so {path!r} is read as "
-            f"a local path; to load the Hub repository {path!r} instead, download it first: `{download}`)"
-        )
-    if repo_type == "dataset" and path in _dataset_builders():
-        return None
-    if _offline(repo_type):
-        return (
-            f"{path}: no such file or directory, and no Hub repository of that name in the local cache "
-            "(HF_HUB_OFFLINE is set, so nothing is downloaded)"
-        )
-    return None
 
 
 def check_local_paths_exist(script_args, training_args, model_args, dataset_args) -> None:
@@ -462,9 +380,9 @@ def check_before_loading(script_args, training_args, model_args, dataset_args) -
 
 @contextlib.contextmanager
 def hide_deprecated_checkpointing_alias_warning():
-    """Hides transformers' FutureWarning "`is_gradient_checkpointing` is deprecated", which TRL's
-    `disable_gradient_checkpointing` (used by the trainers' reference and guidance passes) raises on every evaluation
-    and checkpoint whatever the user sets: the user cannot act on it. Every other warning still shows."""
+    """Hides transformers' FutureWarning "`is_gradient_checkpointing` is deprecated", which peft's `get_peft_model`
+    raises (transformers 5.24) whatever the user sets: the user cannot act on it (the trainers' own reference passes use
+    the new names, `_compat.disable_gradient_checkpointing`). Every other warning still shows."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield

@@ -116,8 +116,7 @@ class DataCollatorForPerTokenColumns(DataCollatorForPreference):
             # The bucket's log-mass is -inf where the cache holds the whole vocabulary (nothing left to merge)
             empty_bucket_allowed = column in REF_TAIL_COLUMNS
             if any(value is None for value in read) or (
-                not is_ids
-                and not all(math.isfinite(v) or (empty_bucket_allowed and v == -math.inf) for v in read)
+                not is_ids and not all(math.isfinite(v) or (empty_bucket_allowed and v == -math.inf) for v in read)
             ):
                 raise ValueError(
                     f"Example {i} of this batch has a missing or non-finite value in `{column}` at a completion token "
@@ -136,6 +135,15 @@ def with_per_token_collator(collator, collator_class=DataCollatorForPerTokenColu
     if type(collator) is DataCollatorForPreference:
         return collator_class(**{f.name: getattr(collator, f.name) for f in fields(collator)})
     return collator
+
+
+def check_map_style(dataset) -> None:
+    """Refuse a streamed dataset, with DPOTrainer's message: values are stored as columns of a map-style dataset."""
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style Dataset or "
+            "set `precompute_ref_log_probs=False`."
+        )
 
 
 def add_per_token_columns(
@@ -168,11 +176,7 @@ def add_per_token_columns(
         max_length, truncation_mode: the collator's truncation, to place each value at its token.
         name: the dataset's name in progress bars.
     """
-    if isinstance(dataset, IterableDataset):
-        raise ValueError(
-            "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style Dataset or "
-            "set `precompute_ref_log_probs=False`."
-        )
+    check_map_style(dataset)
     flat_columns = [column for pair in columns for column in pair]
     stale = [column for column in flat_columns if column in dataset.column_names]
     if stale:
