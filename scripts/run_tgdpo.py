@@ -94,10 +94,14 @@ def main(script_args, training_args, model_args, dataset_args):
         set_model_init_kwargs,
         train_and_save,
     )
+    from trl_tokenpref.tgdpo.token_rewards import check_token_rewards_beta
 
     # Before anything is loaded: the local paths exist, the checkpoint to resume from is complete, and a run that
     # does not resume is warned when `output_dir` holds an earlier run's checkpoints
     check_before_loading(script_args, training_args, model_args, dataset_args)
+    if script_args.dataset_name and not dataset_args.datasets:
+        # Token rewards from `compute_token_rewards.py` hold r̂ at its β: its info file beside the data says which
+        check_token_rewards_beta(script_args.dataset_name, training_args.beta, "train")
     set_model_init_kwargs(training_args, model_args)
     dataset = load_preference_dataset(script_args, dataset_args)
     # The train split, and the test split when the run evaluates (a missing one is named, with the splits there are)

@@ -69,6 +69,24 @@ class TestTokenRewardsBeta:
         assert len(trainer.train_dataset) == 8
 
 
+def test_the_training_script_reads_beta_beside_json_lines(
+    script, default_dataset, tiny_model_path, guidance_path, tmp_path
+):
+    """JSON Lines loaded with `load_dataset` lose their folder; `scripts/run_tgdpo.py` checks the path it was given."""
+    from trl_tokenpref.tgdpo.token_rewards import check_token_rewards_beta
+
+    default_dataset["train"].select(range(4)).to_json(str(tmp_path / "train.jsonl"))
+    script.main(
+        ["--guidance_model", guidance_path, "--ref_model", tiny_model_path, "--dataset_path", str(tmp_path / "train.jsonl"),
+         "--output_dir", str(tmp_path / "out"), "--beta", "0.2", "--output_format", "jsonl"]
+    )  # fmt: skip
+    for path in (tmp_path / "out", tmp_path / "out" / "train.jsonl"):
+        check_token_rewards_beta(str(path), 0.2, "train")
+        with pytest.raises(ValueError, match=r"computed at beta=0.2 .* training uses beta=0.1"):
+            check_token_rewards_beta(str(path), 0.1, "train")
+    check_token_rewards_beta("trl-lib/ultrafeedback_binarized", 0.1, "train")  # a Hub id: nothing to read
+
+
 def test_guidance_equal_to_the_reference_is_warned(
     tiny_model_path, guidance_path, tiny_tokenizer, default_dataset, tmp_path, caplog
 ):
