@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
+from .token_stats import full_vocabulary_stats
+
 
 __all__ = [
     "CompletionScores",
@@ -369,7 +371,7 @@ class CompletionScores:
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy `H(softmax(logits))` over the last dimension, in nats, from `log_softmax` (no `0 · log 0` NaN)."""
     log_probs = F.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1)
+    return full_vocabulary_stats(log_probs, log_probs).entropy
 
 
 def _right_padded_batch(
@@ -465,12 +467,12 @@ def score_completions(
             log_probs = F.log_softmax(policy_logits[:, :-1].float(), dim=-1)
             ref_log_probs = F.log_softmax(reference_logits[:, :-1].float(), dim=-1)
             labels = input_ids[:, 1:].unsqueeze(-1)
-            probs, ref_probs = log_probs.exp(), ref_log_probs.exp()
+            full = full_vocabulary_stats(log_probs, ref_log_probs)
             per_token = {
                 "lr": (log_probs.gather(-1, labels) - ref_log_probs.gather(-1, labels)).squeeze(-1),
-                "rkl": (probs * (log_probs - ref_log_probs)).sum(-1),
-                "fkl": (ref_probs * (ref_log_probs - log_probs)).sum(-1),
-                "ent": -(probs * log_probs).sum(-1),
+                "rkl": full.reverse_kl,
+                "fkl": full.forward_kl,
+                "ent": full.entropy,
                 "n": torch.ones_like(mask, dtype=torch.float32),
             }
             for name, values in per_token.items():

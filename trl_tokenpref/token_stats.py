@@ -740,6 +740,25 @@ def reference_top_k(
     return ReferenceCache(scatter(label_log_probs), scatter(topk_ids), scatter(topk_log_probs), scatter(tail_log_mass))
 
 
+class FullVocabularyStats(NamedTuple):
+    """Per-position statistics from full `[..., vocab]` log-probabilities (naive, for tests, benchmarks, evaluation)."""
+
+    entropy: torch.Tensor  # H(πθ)
+    forward_kl: torch.Tensor  # KL(π_ref ‖ πθ), TDPO's κ
+    reverse_kl: torch.Tensor  # KL(πθ ‖ π_ref), the RLHF KL
+
+
+def full_vocabulary_stats(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> FullVocabularyStats:
+    """Entropy and both KLs over the last dimension from full log-probabilities (`log_softmax`, so an underflowed
+    probability contributes an exact 0, never `0 · log 0 = nan`)."""
+    probs, ref_probs = log_probs.exp(), ref_log_probs.exp()
+    return FullVocabularyStats(
+        entropy=-(probs * log_probs).sum(-1),
+        forward_kl=(ref_probs * (ref_log_probs - log_probs)).sum(-1),
+        reverse_kl=(probs * (log_probs - ref_log_probs)).sum(-1),
+    )
+
+
 def naive_token_stats(
     hidden_states: torch.Tensor,
     lm_head: LMHead,
@@ -760,7 +779,7 @@ def naive_token_stats(
     zero = torch.zeros((), device=hidden_states.device)
     stats = {
         "log_probs": torch.where(mask, log_probs.gather(-1, safe_labels).squeeze(-1), zero),
-        "entropy": torch.where(mask, -(log_probs.exp() * log_probs).sum(-1), zero).detach(),
+        "entropy": torch.where(mask, full_vocabulary_stats(log_probs, log_probs).entropy, zero).detach(),
         "mean_logits": torch.where(mask, logits.mean(-1), zero).detach(),
         "is_top1": (logits.argmax(-1) == labels) & mask,
     }
@@ -769,8 +788,7 @@ def naive_token_stats(
         with torch.no_grad():
             ref_log_probs, _ = full_log_probs(ref_hidden_states, ref_lm_head)
         stats["ref_log_probs"] = torch.where(mask, ref_log_probs.gather(-1, safe_labels).squeeze(-1), zero)
-        per_token_kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)
-        stats["forward_kl"] = torch.where(mask, per_token_kl, zero)
+        stats["forward_kl"] = torch.where(mask, full_vocabulary_stats(log_probs, ref_log_probs).forward_kl, zero)
     return TokenStats(**stats)
 
 
@@ -883,9 +901,11 @@ __all__ = [
     "TokenStats",
     "TokenStatsOutput",
     "add_token_stats_head",
+    "FullVocabularyStats",
     "compute_token_stats",
     "default_token_chunk_size",
     "lm_head_of",
+    "full_vocabulary_stats",
     "naive_token_stats",
     "reference_top_k",
 ]
