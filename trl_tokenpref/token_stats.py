@@ -645,9 +645,12 @@ def compute_token_stats(
             weight=weight.full_tensor(), bias=None if lm_head.bias is None else lm_head.bias.full_tensor()
         )
     if ref_lm_head is not None and isinstance(ref_lm_head.weight, DTensor):
+        # Detached: the reference is a constant, and DPOTrainer leaves its parameters with `requires_grad=True`, so a
+        # gathered copy with a gradient edge would hand DTensor's backward a plain zero gradient (a crash in the
+        # first backward under FSDP2)
         ref_lm_head = ref_lm_head._replace(
-            weight=ref_lm_head.weight.full_tensor(),
-            bias=None if ref_lm_head.bias is None else ref_lm_head.bias.full_tensor(),
+            weight=ref_lm_head.weight.detach().full_tensor(),
+            bias=None if ref_lm_head.bias is None else ref_lm_head.bias.detach().full_tensor(),
         )
     if chunk_size is None:
         chunk_size = default_token_chunk_size(lm_head.weight.size(0), hidden_states.device)
