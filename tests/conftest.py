@@ -52,3 +52,53 @@ def conversational_dataset():
     from trl_tokenpref.data import load_default_dataset
 
     return load_default_dataset(format="conversational")
+
+
+@pytest.fixture(scope="session")
+def train_subset(default_dataset):
+    """32 training pairs: enough for the batches of the loss and metric tests, quick to tokenize."""
+    return default_dataset["train"].select(range(32))
+
+
+@pytest.fixture(scope="session")
+def guidance_path(tiny_model_path, tmp_path_factory) -> str:
+    """A TGDPO guidance model with the tiny model's tokenizer: its LM head perturbed, so that the token rewards r̂ vary
+    by token (|r̂| ~ 0.1 at β = 0.1)."""
+    from testing_utils import perturbed_copy
+
+    return perturbed_copy(tiny_model_path, tmp_path_factory.mktemp("guidance"), seed=2, scale=0.1, lm_head_only=True)
+
+
+@pytest.fixture(scope="session")
+def dpo_metric_keys(tiny_model_path, tiny_tokenizer, train_subset, tmp_path_factory) -> dict[str, set[str]]:
+    """The metric keys `trl.DPOTrainer` logs in each mode, read off a real `compute_loss` call (not written down
+    here): every token-level trainer must log at least these."""
+    from testing_utils import build_trainer, collated_batch
+    from trl import DPOTrainer
+
+    trainer = build_trainer(
+        DPOTrainer, tiny_model_path, tiny_tokenizer, train_subset, tmp_path_factory.mktemp("dpo-metric-keys")
+    )
+    batch = collated_batch(trainer)
+    keys = {}
+    for mode, set_mode in (("train", trainer.model.train), ("eval", trainer.model.eval)):
+        set_mode()
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, batch)
+        keys[mode] = set(trainer._metrics[mode])
+    assert {"rewards/margins", "logps/chosen"} <= keys["train"] == keys["eval"], keys
+    return keys
+
+
+@pytest.fixture
+def make_trainer(tiny_model_path, tiny_tokenizer, train_subset):
+    """`make_trainer(trainer_class, output_dir, trainer_kwargs=None, **config)`: a trainer (ours or `trl.DPOTrainer`)
+    of the tiny model on `train_subset`, with `testing_utils.fast_args` plus `config`."""
+    from testing_utils import build_trainer
+
+    def make(trainer_class, output_dir, trainer_kwargs=None, **config):
+        return build_trainer(
+            trainer_class, tiny_model_path, tiny_tokenizer, train_subset, output_dir, trainer_kwargs, **config
+        )
+
+    return make

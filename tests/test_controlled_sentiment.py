@@ -121,13 +121,11 @@ def test_quick_pipeline_end_to_end(tmp_path):
 
     config = results["config"]
     assert config["quick"] and config["workers"] == 1
-    runs = [run for run in results["runs"] if not run.get("skipped")]
-    failed = [f"{run['method']}: {run['error']}" for run in runs if "error" in run]
+    runs = results["runs"]
+    # A method the pipeline skips (its trainer not importable) or that fails is lost coverage, not a pass
+    failed = [f"{run['method']}: {run['error']}" for run in runs if "error" in run or run.get("skipped")]
     assert not failed, failed
-    methods = {run["method"] for run in runs}
-    skipped = {run["method"] for run in results["runs"] if run.get("skipped")}
-    assert methods | skipped == set(METHOD_LABELS)
-    assert {"dpo", "tdpo1", "tdpo2_a0.5"} <= methods
+    assert {run["method"] for run in runs} == set(METHOD_LABELS)
     for run in runs:
         steps = [evaluation["step"] for evaluation in run["evals"]]
         assert steps == list(range(1, config["max_steps"] + 1))

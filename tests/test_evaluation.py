@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from testing_utils import fast_args, logged_steps, perturb
 from transformers import AutoModelForCausalLM
 
-from trl_tokenpref import TDPOConfig, TDPOTrainer
+from trl_tokenpref import TDPOTrainer
 from trl_tokenpref.evaluation import (
     GenerationEvalCallback,
     distinct_n,
@@ -40,10 +41,7 @@ def model(tiny_model_path):
 def perturbed(tiny_model_path):
     """The tiny model moved away from itself, so that every KL is strictly positive."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    perturb(model, seed=1, scale=0.3)
     return model
 
 
@@ -212,19 +210,7 @@ def test_callback_logs_into_log_history(tiny_model_path, tiny_tokenizer, default
         preference_pairs=list(pairs),
         max_new_tokens=6,
     )
-    args = TDPOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=2e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = fast_args(tmp_path, per_device_train_batch_size=4, max_steps=3)
     trainer = TDPOTrainer(
         model=tiny_model_path, args=args, train_dataset=train, processing_class=tiny_tokenizer, callbacks=[callback]
     )
@@ -241,6 +227,6 @@ def test_callback_logs_into_log_history(tiny_model_path, tiny_tokenizer, default
     assert logged[-1]["eval_gen/kl_chosen"] > 0
     assert [entry["step"] for entry in callback.history] == [0, 2, 3]
     # The trainer's own training metrics are still logged every step (the callback does not flush them)
-    train_logs = [log for log in trainer.state.log_history if "loss" in log]
+    train_logs = logged_steps(trainer)
     assert [log["step"] for log in train_logs] == [1, 2, 3]
     assert all("kl/chosen" in log and "rewards/accuracies" in log for log in train_logs)

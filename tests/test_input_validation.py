@@ -1,15 +1,17 @@
 """Bad input is refused before training, with an error that names the problem, the row and the fix.
 
-The checks live in one place, `TokenLevelDPOTrainer` (`trl_tokenpref/base.py`), so every trainer runs them; the first
-test checks that for all three. The rest use TDPO. Each error must come from our own check, at init (before `train()`),
+The checks live in one place (`testing_utils.CHECK_MODULES`), called by `TokenLevelDPOTrainer`, so every trainer runs
+them; the first test checks that for all three. The rest use TDPO. Each error must come from our own check, at init (before `train()`),
 and not from deep inside a chat template, a tokenizer or torch: the tests assert where it is raised. TGDPO's token-reward
 columns are validated separately (test_tgdpo_trainer.py); configuration values that the existing trainer tests already
 cover are not repeated here.
 """
 
 import copy
+import functools
 import logging
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -18,36 +20,35 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from peft import LoraConfig
+from testing_utils import (
+    CHECK_MODULES,
+    METHODS,
+    check_token_counts,
+    fast_args,
+    scored_completion_counts,
+    scored_completion_range,
+)
 from transformers import AutoModelForCausalLM
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from trl_tokenpref import TBPOConfig, TBPOTrainer, TDPOConfig, TDPOTrainer, TGDPOConfig, TGDPOTrainer
-from trl_tokenpref.base import TokenLevelDPOTrainer, _scored_completion_counts, _scored_completion_range
-
-
-BASE_MODULE = str(Path(__file__).resolve().parent.parent / "trl_tokenpref" / "base.py")
+from trl_tokenpref import TBPOConfig, TDPOConfig, TDPOTrainer, TGDPOConfig
 
 
-def fast_args(output_dir, config_class=TDPOConfig, **overrides):
-    kwargs = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=1e-3,
-        report_to="none",
-        save_strategy="no",
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return config_class(**kwargs)
+# One step of four pairs: most tests only build a trainer, the few that train need no more
+validation_args = functools.partial(fast_args, per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3)
 
 
-def tdpo(model, dataset, tokenizer, tmp_path, **config):
-    return TDPOTrainer(
-        model=model, args=fast_args(tmp_path, **config), train_dataset=dataset, processing_class=tokenizer
+def build(model, dataset, tokenizer, tmp_path, method="tdpo", trainer_kwargs=None, **config):
+    """A trainer of `method` with `validation_args` plus `config`; TGDPO's guidance model is the model itself."""
+    trainer_class, config_class = METHODS[method]
+    kwargs = {"guidance_model": model} if method == "tgdpo" else {}
+    kwargs.update(trainer_kwargs or {})
+    return trainer_class(
+        model=model,
+        args=validation_args(tmp_path, config_class, **config),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        **kwargs,
     )
 
 
@@ -60,7 +61,7 @@ def edit_rows(dataset: Dataset, edits: dict[int, dict]) -> Dataset:
 
 def raised_by_our_check(excinfo) -> bool:
     """The error comes from the trainers' own checks, not from a template, a tokenizer, datasets or torch."""
-    return excinfo.traceback[-1].path == Path(BASE_MODULE)
+    return Path(excinfo.traceback[-1].path).resolve() in CHECK_MODULES
 
 
 @pytest.fixture(scope="module")
@@ -76,23 +77,11 @@ def conversational(conversational_dataset):
 # ------------------------------------------------------------------------------------------------------ raw rows
 
 
-@pytest.mark.parametrize("method", ["tdpo", "tgdpo", "tbpo"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_trainer_checks_rows_at_init(method, tiny_model_path, tiny_tokenizer, standard, tmp_path):
-    trainer_class, config_class = {
-        "tdpo": (TDPOTrainer, TDPOConfig),
-        "tgdpo": (TGDPOTrainer, TGDPOConfig),
-        "tbpo": (TBPOTrainer, TBPOConfig),
-    }[method]
-    extra = {"guidance_model": tiny_model_path} if method == "tgdpo" else {}
     dataset = edit_rows(standard, {5: {"chosen": None}})
     with pytest.raises(ValueError, match=r"^Row 5 of the train dataset: `chosen` is missing \(None\)\. Fix") as error:
-        trainer_class(
-            model=tiny_model_path,
-            args=fast_args(tmp_path, config_class),
-            train_dataset=dataset,
-            processing_class=tiny_tokenizer,
-            **extra,
-        )
+        build(tiny_model_path, dataset, tiny_tokenizer, tmp_path, method)
     assert raised_by_our_check(error)
 
 
@@ -108,7 +97,7 @@ def test_every_trainer_checks_rows_at_init(method, tiny_model_path, tiny_tokeniz
 )
 def test_standard_rows(fields, message, tiny_model_path, tiny_tokenizer, standard, tmp_path):
     with pytest.raises(ValueError, match=rf"^Row 3 of the train dataset: {message}") as error:
-        tdpo(tiny_model_path, edit_rows(standard, {3: fields}), tiny_tokenizer, tmp_path)
+        build(tiny_model_path, edit_rows(standard, {3: fields}), tiny_tokenizer, tmp_path)
     assert raised_by_our_check(error)
 
 
@@ -135,14 +124,14 @@ def assistant(content):
 )
 def test_conversational_rows(fields, message, tiny_model_path, tiny_tokenizer, conversational, tmp_path):
     with pytest.raises(ValueError, match=rf"^Row 2 of the train dataset: {message}") as error:
-        tdpo(tiny_model_path, edit_rows(conversational, {2: fields}), tiny_tokenizer, tmp_path)
+        build(tiny_model_path, edit_rows(conversational, {2: fields}), tiny_tokenizer, tmp_path)
     assert raised_by_our_check(error)
 
 
 def test_malformed_formats(tiny_model_path, tiny_tokenizer, standard, conversational, tmp_path):
     mixed = standard.remove_columns("chosen").add_column("chosen", conversational["chosen"])
     with pytest.raises(ValueError, match=r"^Row 0 .*`prompt` is a string, `chosen` is a list of messages, `rejected`"):
-        tdpo(tiny_model_path, mixed, tiny_tokenizer, tmp_path)
+        build(tiny_model_path, mixed, tiny_tokenizer, tmp_path)
 
     sharegpt = Dataset.from_dict(
         {
@@ -152,30 +141,30 @@ def test_malformed_formats(tiny_model_path, tiny_tokenizer, standard, conversati
         }
     )
     with pytest.raises(ValueError, match=r"message 0 of `prompt` is not a .*ShareGPT format.*maybe_convert_to_chatml"):
-        tdpo(tiny_model_path, sharegpt, tiny_tokenizer, tmp_path)
+        build(tiny_model_path, sharegpt, tiny_tokenizer, tmp_path)
 
     numbers = Dataset.from_dict({"prompt": ["a b", "c d"], "chosen": [1, 2], "rejected": [3, 4]})
     with pytest.raises(ValueError, match=r"^Row 0 .*`chosen` must be a string or a list of messages, got a int"):
-        tdpo(tiny_model_path, numbers, tiny_tokenizer, tmp_path)
+        build(tiny_model_path, numbers, tiny_tokenizer, tmp_path)
 
 
 def test_every_bad_row_is_counted(tiny_model_path, tiny_tokenizer, standard, tmp_path):
     dataset = edit_rows(standard, {1: {"prompt": ""}, 4: {"chosen": None}, 9: {"rejected": ""}})
     with pytest.raises(ValueError, match=r"^Row 1 .* 3 of its 16 rows have a problem \(rows 1, 4, 9\)\. Fix or drop"):
-        tdpo(tiny_model_path, dataset, tiny_tokenizer, tmp_path)
+        build(tiny_model_path, dataset, tiny_tokenizer, tmp_path)
 
 
 def test_missing_columns_and_empty_dataset(tiny_model_path, tiny_tokenizer, standard, tmp_path):
     with pytest.raises(ValueError, match=r"has no `rejected` column \(its columns are \['prompt', 'chosen'\]\)") as e:
-        tdpo(tiny_model_path, standard.remove_columns("rejected"), tiny_tokenizer, tmp_path)
+        build(tiny_model_path, standard.remove_columns("rejected"), tiny_tokenizer, tmp_path)
     assert raised_by_our_check(e)
     with pytest.raises(ValueError, match=r"has no `chosen` and no `rejected` column.*rename_column"):
-        tdpo(tiny_model_path, standard.rename_columns({"chosen": "a", "rejected": "b"}), tiny_tokenizer, tmp_path)
+        build(tiny_model_path, standard.rename_columns({"chosen": "a", "rejected": "b"}), tiny_tokenizer, tmp_path)
     tokenized = Dataset.from_dict({"prompt_ids": [[1, 2]], "chosen_ids": [[3]], "rejected_ids": [[4]]})
     with pytest.raises(ValueError, match=r"takes no pre-tokenized `\*_ids` columns alone"):
-        tdpo(tiny_model_path, tokenized, tiny_tokenizer, tmp_path)
+        build(tiny_model_path, tokenized, tiny_tokenizer, tmp_path)
     with pytest.raises(ValueError, match=r"^The train dataset has no rows\.$"):
-        tdpo(tiny_model_path, standard.select([]), tiny_tokenizer, tmp_path)
+        build(tiny_model_path, standard.select([]), tiny_tokenizer, tmp_path)
 
 
 def test_implicit_prompt(tiny_model_path, tiny_tokenizer, standard, conversational, tmp_path):
@@ -185,23 +174,25 @@ def test_implicit_prompt(tiny_model_path, tiny_tokenizer, standard, conversation
         lambda row: {"chosen": row["prompt"] + row["chosen"], "rejected": row["prompt"] + row["rejected"]},
         remove_columns=["prompt"],
     )
-    trainer = tdpo(tiny_model_path, implicit, tiny_tokenizer, tmp_path)
+    trainer = build(tiny_model_path, implicit, tiny_tokenizer, tmp_path)
     assert len(trainer.train_dataset) == len(implicit)
 
     other_question = [user("Something else?"), assistant("No.")]
     with pytest.raises(ValueError, match=r"^Row 6 .*no `prompt` column.*differ from their first message"):
-        tdpo(tiny_model_path, edit_rows(implicit, {6: {"rejected": other_question}}), tiny_tokenizer, tmp_path)
+        build(tiny_model_path, edit_rows(implicit, {6: {"rejected": other_question}}), tiny_tokenizer, tmp_path)
     strings = Dataset.from_dict({"chosen": ["Yes it is.", "Sure."], "rejected": ["It is not.", "Sure not."]})
     with pytest.raises(ValueError, match=r"^Row 0 .*differ from their first character: the prompt is empty"):
-        tdpo(tiny_model_path, strings, tiny_tokenizer, tmp_path)
+        build(tiny_model_path, strings, tiny_tokenizer, tmp_path)
 
 
 def test_streamed_rows_are_checked_as_they_are_read(tiny_model_path, tiny_tokenizer, standard, tmp_path):
     """An IterableDataset cannot be checked before training: the first row is checked at init, the others when
     they are read."""
     with pytest.raises(ValueError, match=r"^Row 0 of the train dataset \(an IterableDataset.*the prompt is empty"):
-        tdpo(tiny_model_path, edit_rows(standard, {0: {"prompt": ""}}).to_iterable_dataset(), tiny_tokenizer, tmp_path)
-    trainer = tdpo(
+        build(
+            tiny_model_path, edit_rows(standard, {0: {"prompt": ""}}).to_iterable_dataset(), tiny_tokenizer, tmp_path
+        )
+    trainer = build(
         tiny_model_path, edit_rows(standard, {6: {"chosen": ""}}).to_iterable_dataset(), tiny_tokenizer, tmp_path
     )
     trainer.args.max_steps = 4
@@ -213,7 +204,7 @@ def test_streamed_rows_are_checked_as_they_are_read(tiny_model_path, tiny_tokeni
     # stream cannot be checked before training, and failing hours into a run would lose more than the row)
     prompt_lengths = [len(tiny_tokenizer(prompt)["input_ids"]) for prompt in standard["prompt"]]
     max_length = sorted(prompt_lengths)[len(prompt_lengths) // 2]
-    trainer = tdpo(tiny_model_path, standard.to_iterable_dataset(), tiny_tokenizer, tmp_path, max_length=max_length)
+    trainer = build(tiny_model_path, standard.to_iterable_dataset(), tiny_tokenizer, tmp_path, max_length=max_length)
     kept = list(trainer.train_dataset)
     assert len(kept) == sum(n < max_length for n in prompt_lengths)
 
@@ -227,7 +218,7 @@ def test_prompt_filling_max_length_is_refused_not_dropped(tiny_model_path, tiny_
     max_length = sorted(prompt_lengths)[len(prompt_lengths) // 2]  # about half of the prompts fill it
     too_long = [i for i, n in enumerate(prompt_lengths) if n >= max_length]
     with pytest.raises(ValueError) as error:
-        tdpo(tiny_model_path, standard, tiny_tokenizer, tmp_path, max_length=max_length)
+        build(tiny_model_path, standard, tiny_tokenizer, tmp_path, max_length=max_length)
     message = str(error.value)
     assert message.startswith(
         f"Row {too_long[0]} of the train dataset: its prompt alone fills `max_length={max_length}` "
@@ -239,13 +230,13 @@ def test_prompt_filling_max_length_is_refused_not_dropped(tiny_model_path, tiny_
 
     # With room for every prompt, nothing is dropped, and the collator still truncates to `max_length`
     max_length = max(prompt_lengths) + 3
-    trainer = tdpo(tiny_model_path, standard, tiny_tokenizer, tmp_path, max_length=max_length)
+    trainer = build(tiny_model_path, standard, tiny_tokenizer, tmp_path, max_length=max_length)
     assert len(trainer.train_dataset) == len(standard) and trainer.data_collator.max_length == max_length
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(standard))])
     assert batch["input_ids"].size(1) == max_length
     assert (batch["completion_mask"][:, 1:].sum(dim=1) > 0).all()
     # keep_end keeps the end of every completion: no row is refused at the short max_length either
-    trainer = tdpo(
+    trainer = build(
         tiny_model_path, standard, tiny_tokenizer, tmp_path, max_length=max_length - 6, truncation_mode="keep_end"
     )
     assert len(trainer.train_dataset) == len(standard)
@@ -261,24 +252,65 @@ def test_token_count_messages():
     with pytest.raises(
         ValueError, match=r"^Row 1 .*tokenized prompt is empty \(prompt 0 tokens, chosen 1, rejected 1\)"
     ):
-        TokenLevelDPOTrainer._check_token_counts(empty_prompt, "train", args)
+        check_token_counts(empty_prompt, "train", args)
     empty_completion = Dataset.from_dict({"prompt_ids": [[1, 2]], "chosen_ids": [[3]], "rejected_ids": [[]]})
     with pytest.raises(ValueError, match=r"^Row 0 .*its rejected completion keeps 0 of its 0 tokens"):
-        TokenLevelDPOTrainer._check_token_counts(empty_completion, "train", args)
+        check_token_counts(empty_completion, "train", args)
 
 
-def test_vectorised_token_counts_match_the_collators_truncation():
-    """The vectorised count of trainable completion tokens equals the scalar rule TGDPO's collator uses."""
-    prompt_lens, completion_lens = np.meshgrid(np.arange(0, 7), np.arange(0, 7))
-    prompt_lens, completion_lens = prompt_lens.ravel(), completion_lens.ravel()
-    for max_length in (None, 2, 3, 5, 8):
-        for mode in ("keep_start", "keep_end"):
-            counts = _scored_completion_counts(prompt_lens, completion_lens, max_length, mode)
-            expected = []
-            for p, c in zip(prompt_lens, completion_lens):
-                start, stop, _ = _scored_completion_range(int(p), int(c), max_length, mode)
-                expected.append(max(stop - start, 0))
-            assert counts.tolist() == expected, (max_length, mode)
+def collated_completion_positions(collator, prompt_len: int, completion_lens: tuple[int, int]) -> list[dict]:
+    """Run TRL's `DataCollatorForPreference` on one pair with distinct token ids (prompt 1000+i, chosen 2000+j,
+    rejected 3000+j) and return, for the chosen and the rejected row, {completion index j: position} of the completion
+    tokens that survive its truncation."""
+    example = {
+        "prompt_ids": [1000 + i for i in range(prompt_len)],
+        "chosen_ids": [2000 + j for j in range(completion_lens[0])],
+        "rejected_ids": [3000 + j for j in range(completion_lens[1])],
+    }
+    batch = collator([example])
+    rows = []
+    for row, offset in zip(batch["input_ids"].tolist(), (2000, 3000)):
+        rows.append(
+            {token - offset: position for position, token in enumerate(row) if offset <= token < offset + 1000}
+        )
+    return rows
+
+
+def test_scored_completion_tokens_match_the_collators_truncation():
+    """`scored_completion_range` (TGDPO's collator aligns per-token values with it) and the vectorised
+    `scored_completion_counts` (the dataset check refuses rows with no token to train on) describe what TRL's
+    `DataCollatorForPreference` really does: which completion tokens survive its truncation and at which positions,
+    over random lengths, `max_length` values and both truncation modes."""
+    generator = random.Random(0)
+    cases = []
+    for _ in range(3000):
+        prompt_len = generator.randint(0, 9)
+        completion_lens = (generator.randint(0, 9), generator.randint(0, 9))
+        max_length = generator.choice([None, *range(2, 20)])
+        mode = generator.choice(["keep_start", "keep_end"])
+        cases.append((prompt_len, completion_lens, max_length, mode))
+    outcomes = set()
+    for case in cases:
+        prompt_len, completion_lens, max_length, mode = case
+        collator = DataCollatorForPreference(pad_token_id=0, max_length=max_length, truncation_mode=mode)
+        for completion_len, survivors in zip(completion_lens, collated_completion_positions(collator, *case[:2])):
+            # Position 0 has no label (no token before it predicts it): a token there is not trained on
+            scored = {index: position for index, position in survivors.items() if position > 0}
+            name = dict(prompt=prompt_len, completion=completion_len, max_length=max_length, mode=mode)
+            start, stop, first_position = scored_completion_range(prompt_len, completion_len, max_length, mode)
+            expected = {index: first_position + index - start for index in range(start, stop)}
+            assert scored == expected, name
+            count = scored_completion_counts(np.array([prompt_len]), np.array([completion_len]), max_length, mode)
+            assert count.tolist() == [len(scored)], name
+            if completion_len:
+                kept = "all" if len(scored) == completion_len else "some" if scored else "none"
+                outcomes.add((mode, kept, 0 in survivors.values()))
+    # Both modes keep all, some or none of a completion (some: truncation cuts into it), and keep_end also cuts the
+    # whole prompt, so that a surviving completion token lands at position 0 (no label)
+    assert {(mode, kept) for mode, kept, _ in outcomes} == {
+        (mode, kept) for mode in ("keep_start", "keep_end") for kept in ("all", "some", "none")
+    }
+    assert ("keep_end", "some", True) in outcomes
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
@@ -290,7 +322,7 @@ def test_tokenizer_without_pad_token_warns_and_trains(tiny_model_path, tiny_toke
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.pad_token = None
     with caplog.at_level(logging.WARNING):
-        trainer = tdpo(tiny_model_path, standard, tokenizer, tmp_path)
+        trainer = build(tiny_model_path, standard, tokenizer, tmp_path)
     assert any("has no pad token, so batches are padded with its EOS token" in r.message for r in caplog.records)
     eos_id = tiny_tokenizer.eos_token_id
     assert trainer.data_collator.pad_token_id == eos_id
@@ -309,14 +341,14 @@ def test_tokenizer_without_pad_nor_eos_is_refused(tiny_model_path, tiny_tokenize
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.pad_token, tokenizer.eos_token = None, None
     with pytest.raises(ValueError, match=r"has neither a pad token nor an EOS token") as error:
-        tdpo(tiny_model_path, standard, tokenizer, tmp_path)
+        build(tiny_model_path, standard, tokenizer, tmp_path)
     assert raised_by_our_check(error)
     # A pad token but no EOS: fine for conversational data, refused for strings (DPOTrainer appends EOS to them)
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.eos_token = None
-    tdpo(tiny_model_path, conversational, tokenizer, tmp_path)
+    build(tiny_model_path, conversational, tokenizer, tmp_path)
     with pytest.raises(ValueError, match=r"appends the EOS token to string completions.*has no EOS token"):
-        tdpo(tiny_model_path, standard, tokenizer, tmp_path)
+        build(tiny_model_path, standard, tokenizer, tmp_path)
 
 
 def test_tokenizer_loaded_from_the_model_path_is_checked(tiny_model_path, tiny_tokenizer, standard, tmp_path):
@@ -327,29 +359,17 @@ def test_tokenizer_loaded_from_the_model_path_is_checked(tiny_model_path, tiny_t
     tokenizer.pad_token, tokenizer.eos_token = None, None
     tokenizer.save_pretrained(model_dir)
     with pytest.raises(ValueError, match=r"has neither a pad token nor an EOS token"):
-        TDPOTrainer(model=str(model_dir), args=fast_args(tmp_path / "run"), train_dataset=standard)
+        TDPOTrainer(model=str(model_dir), args=validation_args(tmp_path / "run"), train_dataset=standard)
 
 
 # -------------------------------------------------------------------------------------------- LM head and PEFT
 
 
-@pytest.mark.parametrize("method", ["tdpo", "tgdpo", "tbpo"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_lora_on_the_lm_head_is_refused(method, tiny_model_path, tiny_tokenizer, standard, tmp_path):
-    trainer_class, config_class = {
-        "tdpo": (TDPOTrainer, TDPOConfig),
-        "tgdpo": (TGDPOTrainer, TGDPOConfig),
-        "tbpo": (TBPOTrainer, TBPOConfig),
-    }[method]
-    extra = {"guidance_model": tiny_model_path} if method == "tgdpo" else {}
+    peft_config = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
     with pytest.raises(ValueError, match=r"Applying a PEFT adapter to `lm_head` is not supported.*target_modules"):
-        trainer_class(
-            model=tiny_model_path,
-            args=fast_args(tmp_path, config_class),
-            train_dataset=standard,
-            processing_class=tiny_tokenizer,
-            peft_config=LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"),
-            **extra,
-        )
+        build(tiny_model_path, standard, tiny_tokenizer, tmp_path, method, {"peft_config": peft_config})
 
 
 def test_trained_lm_head_copy_is_not_the_reference(tiny_model_path, tiny_tokenizer, standard, tmp_path):
@@ -357,13 +377,7 @@ def test_trained_lm_head_copy_is_not_the_reference(tiny_model_path, tiny_tokeniz
     its log-probs are those of the adapter-free model, and the per-token KL sees the trained head. (Before this was
     checked, the reference used the trained copy, and the KL of the head stayed 0 whatever it learned.)"""
     peft_config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")
-    trainer = TDPOTrainer(
-        model=tiny_model_path,
-        args=fast_args(tmp_path),
-        train_dataset=standard,
-        processing_class=tiny_tokenizer,
-        peft_config=peft_config,
-    )
+    trainer = build(tiny_model_path, standard, tiny_tokenizer, tmp_path, trainer_kwargs={"peft_config": peft_config})
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in trainer.model.named_parameters():
@@ -392,25 +406,16 @@ def test_trainable_token_rows_of_the_lm_head_are_refused(tiny_model_path, tiny_t
     with pytest.raises(
         ValueError, match=r"`trainable_token_indices` on the LM head is not supported.*modules_to_save"
     ):
-        TDPOTrainer(
-            model=tiny_model_path,
-            args=fast_args(tmp_path),
-            train_dataset=standard,
-            processing_class=tiny_tokenizer,
-            peft_config=peft_config,
-        )
+        build(tiny_model_path, standard, tiny_tokenizer, tmp_path, trainer_kwargs={"peft_config": peft_config})
 
 
 def load_4bit(path, **quantization):
-    bitsandbytes = pytest.importorskip("bitsandbytes")
-    del bitsandbytes
+    """The model in 4 bits (bitsandbytes' CPU backend). bitsandbytes comes with the `qlora` extra, which CI installs
+    (`.[dev,qlora]`): a missing package or backend fails here rather than skipping the QLoRA checks."""
     from transformers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, **quantization)
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=config), config
-    except Exception as error:  # bitsandbytes imports but has no usable 4-bit backend on this platform
-        pytest.skip(f"bitsandbytes cannot load a 4-bit model here: {error}")
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config), config
 
 
 def test_4bit_lm_head_is_refused(tiny_model_path, tiny_tokenizer, standard, tmp_path):
@@ -420,32 +425,14 @@ def test_4bit_lm_head_is_refused(tiny_model_path, tiny_tokenizer, standard, tmp_
     assert type(model.lm_head.weight).__name__ == "Params4bit"
     lora = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
     with pytest.raises(ValueError, match=r"The LM head is quantized \(Params4bit\).*add the LM head's name") as e:
-        TDPOTrainer(
-            model=model,
-            args=fast_args(tmp_path),
-            train_dataset=standard,
-            processing_class=tiny_tokenizer,
-            peft_config=lora,
-        )
+        build(model, standard, tiny_tokenizer, tmp_path, trainer_kwargs={"peft_config": lora})
     assert raised_by_our_check(e)
     with pytest.raises(ValueError, match=r"The LM head is quantized \(Params4bit\)"):
-        TDPOTrainer(
-            model=tiny_model_path,
-            args=fast_args(tmp_path),
-            train_dataset=standard,
-            processing_class=tiny_tokenizer,
-            peft_config=lora,
-            quantization_config=config,
-        )
+        quantized = {"peft_config": lora, "quantization_config": config}
+        build(tiny_model_path, standard, tiny_tokenizer, tmp_path, trainer_kwargs=quantized)
     # bitsandbytes' default keeps the head in full precision: accepted
     model, _ = load_4bit(tiny_model_path)
-    TDPOTrainer(
-        model=model,
-        args=fast_args(tmp_path),
-        train_dataset=standard,
-        processing_class=tiny_tokenizer,
-        peft_config=lora,
-    )
+    build(model, standard, tiny_tokenizer, tmp_path, trainer_kwargs={"peft_config": lora})
 
 
 # ---------------------------------------------------------------------------------------------------- configs

@@ -5,6 +5,7 @@ both variants) and configuration errors. The pure-loss invariants are in test_lo
 ALGORITHMS.md §6."""
 
 import copy
+import functools
 import math
 import os
 import subprocess
@@ -13,10 +14,30 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 from safetensors import safe_open
+from testing_utils import (
+    EQUIVALENCE_RTOL,
+    FLOAT64_MODEL,
+    STATS_ROUNDOFF,
+    assert_relatively_close,
+    assert_same_loss_and_grads,
+    assert_saved_adapter_reloads,
+    assert_saved_model_reloads,
+    assert_trailing_padding_changes_nothing,
+    changed_parameters,
+    collated_batch,
+    fast_args,
+    last_metrics,
+    logged_losses,
+    loss_and_grads,
+    model_parameters,
+    perturb,
+    snapshot,
+    with_trailing_padding,
+)
 from transformers import AutoModelForCausalLM
-from trl import DPOConfig, DPOTrainer
+from trl import DPOTrainer
 
 from trl_tokenpref import TBPOConfig, TBPOTrainer
 from trl_tokenpref.losses import bregman_loss
@@ -24,75 +45,19 @@ from trl_tokenpref.tbpo import BaselineHead, load_baseline_head
 from trl_tokenpref.tbpo.baseline_head import BASELINE_HEAD_NAME, BASELINE_OPTIMIZER_NAME
 
 
-def fast_args(output_dir, config_class=TBPOConfig, **overrides):
-    """Settings for tiny CPU runs: fp32, no gradient checkpointing, a high constant learning rate (the gradients of
-    a tiny model are small and TRL's default 1e-6 would not move it)."""
-    kwargs = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        max_steps=12,
-        learning_rate=2e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return config_class(**kwargs)
+tbpo_args = functools.partial(fast_args, config_class=TBPOConfig)
 
 
-def build(
-    tiny_model_path, tiny_tokenizer, dataset, output_dir, trainer_class=TBPOTrainer, config_class=TBPOConfig, **config
-):
-    args = fast_args(output_dir, config_class, **config)
-    return trainer_class(model=tiny_model_path, args=args, train_dataset=dataset, processing_class=tiny_tokenizer)
+@pytest.fixture
+def tbpo(make_trainer):
+    """`tbpo(output_dir, **config)`: a TBPOTrainer of the tiny model on `train_subset`."""
+    return functools.partial(make_trainer, TBPOTrainer)
 
 
-def collated_batch(trainer, num_pairs=6):
-    examples = [trainer.train_dataset[i] for i in range(num_pairs)]
-    return trainer._prepare_inputs(trainer.data_collator(examples))
-
-
-def trainable_parameters(trainer):
-    params = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
-    if getattr(trainer, "baseline_head", None) is not None:
-        params.update({f"baseline_head.{name}": p for name, p in trainer.baseline_head.named_parameters()})
-    return params
-
-
-def loss_and_grads(trainer, batch):
-    """Loss and gradients of the policy (and of the TBPO-Q head, under `baseline_head.*`)."""
-    params = trainable_parameters(trainer)
-    for param in params.values():
-        param.grad = None
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
-    for param in params.values():
-        param.grad = None
-    return loss.detach(), grads
-
-
-def perturb(model, seed=1, scale=0.05):
-    """Move the policy away from the reference, so that ρ, κ and their gradients are not zero."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * scale)
-
-
-def randomize_head(head, seed=2, scale=0.05):
+def perturb_head(trainer) -> None:
     """Give the zero-initialised output layer of the TBPO-Q head values, so that log w is not identically 0."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in head.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    if trainer.baseline_head is not None:
+        perturb(trainer.baseline_head, seed=2)
 
 
 def swap_rejected_for_chosen(batch):
@@ -100,120 +65,86 @@ def swap_rejected_for_chosen(batch):
     return {key: torch.cat([value.chunk(2)[0]] * 2) for key, value in batch.items()}
 
 
-def losses_from_logs(trainer):
-    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
-
-
-def changed_parameters(before, named_parameters):
-    return {name for name, param in named_parameters if not torch.equal(before[name], param.detach())}
-
-
-@pytest.fixture(scope="module")
-def train_subset(default_dataset):
-    return default_dataset["train"].select(range(32))
-
-
 # The per-token loss at R = 1 (invariant 3): πθ = π_ref gives ρ = κ = 0, and the TBPO-Q head starts at b ≡ 0
 LOSS_AT_INIT = {("lr", 0.0): math.log(2), ("sba", 0.0): 0.25, ("sba", -0.5): 1.0}
 
 
+def dpo_and_sequence_level_lr(make_trainer, tmp_path, perturbed=True, **config):
+    """`trl.DPOTrainer` and sequence-level BPO with h = LR (plus `config`) on the same float64 model, moved away from
+    the reference unless `perturbed=False`."""
+    dpo = make_trainer(DPOTrainer, tmp_path / "dpo", model_init_kwargs=FLOAT64_MODEL)
+    bpo_config = dict(token_level=False, generator="lr", model_init_kwargs=FLOAT64_MODEL, **config)
+    bpo = make_trainer(TBPOTrainer, tmp_path / "bpo", **bpo_config)
+    if perturbed:
+        perturb(dpo.model)
+        perturb(bpo.model)
+    return dpo, bpo
+
+
 class TestReductions:
     @pytest.mark.parametrize("perturbed", [False, True])
-    def test_sequence_level_lr_equals_trl_dpo(
-        self, perturbed, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
-    ):
+    def test_sequence_level_lr_equals_trl_dpo(self, perturbed, make_trainer, tmp_path):
         """Invariants 15 and 24: one macro-token per response with h = LR is DPO's sigmoid loss, in value and
-        gradient."""
-        dpo = build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path / "dpo", DPOTrainer, DPOConfig)
-        bpo = build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path / "bpo", token_level=False, generator="lr")
-        if perturbed:
-            perturb(dpo.model)
-            perturb(bpo.model)
+        gradient (float64: `testing_utils.EQUIVALENCE_RTOL`)."""
+        dpo, bpo = dpo_and_sequence_level_lr(make_trainer, tmp_path, perturbed)
         batch = collated_batch(dpo)
-        dpo_loss, dpo_grads = loss_and_grads(dpo, batch)
-        bpo_loss, bpo_grads = loss_and_grads(bpo, batch)
-        torch.testing.assert_close(bpo_loss, dpo_loss, rtol=1e-5, atol=1e-6)
-        assert dpo_grads.keys() == bpo_grads.keys()
-        for name, grad in dpo_grads.items():
-            torch.testing.assert_close(bpo_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_same_loss_and_grads(loss_and_grads(bpo, batch), loss_and_grads(dpo, batch))
 
-    def test_label_smoothing_is_conservative_dpo(self, tiny_model_path, tiny_tokenizer, train_subset, tmp_path):
+    def test_label_smoothing_is_conservative_dpo(self, make_trainer, tmp_path):
         """With ε-label smoothing, sequence-level LR is (1 − ε)·DPO(pair) + ε·DPO(swapped pair), in value and
         gradient (TRL's own sigmoid loss ignores `label_smoothing`, so the flipped term comes from a swapped batch)."""
         epsilon = 0.1
-        dpo = build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path / "dpo", DPOTrainer, DPOConfig)
-        bpo = build(
-            tiny_model_path,
-            tiny_tokenizer,
-            train_subset,
-            tmp_path / "bpo",
-            token_level=False,
-            generator="lr",
-            label_smoothing=epsilon,
-        )
-        perturb(dpo.model)
-        perturb(bpo.model)
+        dpo, bpo = dpo_and_sequence_level_lr(make_trainer, tmp_path, label_smoothing=epsilon)
         batch = collated_batch(dpo)
         swapped = {key: torch.cat(value.chunk(2)[::-1]) for key, value in batch.items()}
         (dpo_loss, dpo_grads), (flipped_loss, flipped_grads) = loss_and_grads(dpo, batch), loss_and_grads(dpo, swapped)
-        bpo_loss, bpo_grads = loss_and_grads(bpo, batch)
-        torch.testing.assert_close(bpo_loss, (1 - epsilon) * dpo_loss + epsilon * flipped_loss, rtol=1e-5, atol=1e-6)
-        for name, grad in dpo_grads.items():
-            expected = (1 - epsilon) * grad + epsilon * flipped_grads[name]
-            torch.testing.assert_close(bpo_grads[name], expected, rtol=1e-4, atol=1e-6, msg=name)
+        expected_loss = (1 - epsilon) * dpo_loss + epsilon * flipped_loss
+        expected_grads = {
+            name: (1 - epsilon) * grad + epsilon * flipped_grads[name] for name, grad in dpo_grads.items()
+        }
+        assert_same_loss_and_grads(loss_and_grads(bpo, batch), (expected_loss, expected_grads))
 
-    def test_sequence_level_accepts_precomputed_reference(
-        self, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
-    ):
+    def test_sequence_level_accepts_precomputed_reference(self, tbpo, tmp_path):
         """With `token_level=False` the summed reference log-probs suffice: precomputing them gives the same loss."""
-        live = build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path / "live", token_level=False)
-        precomputed = build(
-            tiny_model_path,
-            tiny_tokenizer,
-            train_subset,
-            tmp_path / "pre",
-            token_level=False,
-            precompute_ref_log_probs=True,
-        )
+        common = dict(token_level=False, model_init_kwargs=FLOAT64_MODEL)
+        live = tbpo(tmp_path / "live", **common)
+        precomputed = tbpo(tmp_path / "pre", precompute_ref_log_probs=True, **common)
         assert precomputed.ref_model is None and "ref_chosen_logps" in precomputed.train_dataset.column_names
         perturb(live.model)
         perturb(precomputed.model)
-        live_loss, live_grads = loss_and_grads(live, collated_batch(live))
-        pre_loss, pre_grads = loss_and_grads(precomputed, collated_batch(precomputed))
-        torch.testing.assert_close(pre_loss, live_loss, rtol=1e-5, atol=1e-6)
-        for name, grad in live_grads.items():
-            torch.testing.assert_close(pre_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_same_loss_and_grads(
+            loss_and_grads(precomputed, collated_batch(precomputed)), loss_and_grads(live, collated_batch(live))
+        )
 
     @pytest.mark.parametrize("variant", ["tbpo_a", "tbpo_q"])
     @pytest.mark.parametrize("generator, generator_lambda", list(LOSS_AT_INIT))
-    def test_loss_at_initialisation_is_l_h_of_one(
-        self, variant, generator, generator_lambda, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
-    ):
+    def test_loss_at_initialisation_is_l_h_of_one(self, variant, generator, generator_lambda, tbpo, tmp_path):
         """Invariant 3: at πθ = π_ref every aligned token has R_t = 1, so the loss is ℓ_h(1)."""
-        trainer = build(
-            tiny_model_path,
-            tiny_tokenizer,
-            train_subset,
-            tmp_path,
-            variant=variant,
-            generator=generator,
-            generator_lambda=generator_lambda,
-        )
+        trainer = tbpo(tmp_path, variant=variant, generator=generator, generator_lambda=generator_lambda)
         with torch.no_grad():
             loss = trainer.compute_loss(trainer.model, collated_batch(trainer))
-        torch.testing.assert_close(loss, torch.tensor(LOSS_AT_INIT[generator, generator_lambda]), rtol=0, atol=1e-6)
+        # ρ = κ = 0 exactly (policy and reference: the same weights through the same pass), so only the float32
+        # rounding of ℓ_h(1) remains
+        assert loss.item() == pytest.approx(LOSS_AT_INIT[generator, generator_lambda], rel=4 * STATS_ROUNDOFF, abs=0)
 
-    def test_single_token_pairs_a_equals_q_equals_bpo(self, tiny_model_path, tiny_tokenizer, train_subset, tmp_path):
+    def test_single_token_pairs_a_equals_q_equals_bpo(self, tbpo, tmp_path):
         """Invariant 24: when T = 1 both prefixes are [x], so w_1 = 1 in TBPO-A (equal KLs), TBPO-Q (centring one
         value gives 0) and BPO: the three losses and gradients coincide, away from initialisation too."""
         trainers = {
-            "bpo": build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path / "bpo", token_level=False),
-            "tbpo_a": build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path / "a", variant="tbpo_a"),
-            "tbpo_q": build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path / "q", variant="tbpo_q"),
+            name: tbpo(
+                tmp_path / name,
+                model_init_kwargs=FLOAT64_MODEL,
+                **config,
+            )
+            for name, config in {
+                "bpo": dict(token_level=False),
+                "tbpo_a": dict(variant="tbpo_a"),
+                "tbpo_q": dict(variant="tbpo_q"),
+            }.items()
         }
         for trainer in trainers.values():
             perturb(trainer.model)
-        randomize_head(trainers["tbpo_q"].baseline_head)
+        perturb_head(trainers["tbpo_q"])
         batch = collated_batch(trainers["bpo"])
         # Keep only the first completion token of each response (the later tokens stay as unscored context)
         completion_mask = batch["completion_mask"]
@@ -224,9 +155,8 @@ class TestReductions:
         assert bpo_loss > 0.25  # away from initialisation: the policy already prefers one side
         for name in ("tbpo_a", "tbpo_q"):
             loss, grads = results[name]
-            torch.testing.assert_close(loss, bpo_loss, rtol=1e-5, atol=1e-6)
-            for param_name, grad in bpo_grads.items():
-                torch.testing.assert_close(grads[param_name], grad, rtol=1e-4, atol=1e-6, msg=param_name)
+            policy_grads = {key: grad for key, grad in grads.items() if not key.startswith("baseline_head.")}
+            assert_same_loss_and_grads((loss, policy_grads), results["bpo"])
         # TBPO-Q's head sees centred log w = 0 exactly, hence no gradient
         head_grads = [grad for key, grad in results["tbpo_q"][1].items() if key.startswith("baseline_head.")]
         assert head_grads and all((grad == 0).all() for grad in head_grads)
@@ -235,20 +165,21 @@ class TestReductions:
 def naive_tbpo_loss(trainer, batch, generator):
     """TBPO from the models' full logits, pair by pair with Python indexing (no compaction helper): align the k-th
     completion token of each response, T = min(n_w, n_l), ρ and κ from log_softmax, and the TBPO-Q head applied to
-    the final hidden state of the prefix before each token. Returns the batch loss."""
+    the final hidden state of the prefix before each token (the head is float32 whatever the model's dtype, as in the
+    trainer). Returns the batch loss, in float64 for a float64 model."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     labels = batch["input_ids"][:, 1:].unsqueeze(-1)
     mask = batch["completion_mask"][:, 1:].bool()
     policy = trainer.model
-    log_probs = F.log_softmax(policy(**inputs).logits[:, :-1].float(), dim=-1)
+    log_probs = F.log_softmax(policy(**inputs).logits[:, :-1], dim=-1)
     with torch.no_grad():
-        ref_log_probs = F.log_softmax(trainer.ref_model(**inputs).logits[:, :-1].float(), dim=-1)
+        ref_log_probs = F.log_softmax(trainer.ref_model(**inputs).logits[:, :-1], dim=-1)
     rho = (log_probs - ref_log_probs).gather(-1, labels).squeeze(-1)
     kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)
     if trainer.args.variant == "tbpo_q":
         with torch.no_grad():
             hidden = policy.model(**inputs).last_hidden_state[:, :-1]  # state s_t before the label at column t
-        baselines = trainer.baseline_head(hidden)
+        baselines = trainer.baseline_head(hidden.float())
 
     beta, num_pairs = trainer.args.beta, mask.size(0) // 2
     losses = []
@@ -276,66 +207,67 @@ class TestPerTokenLoss:
         "variant, generator, baseline_hidden_size",
         [("tbpo_a", "lr", 1024), ("tbpo_a", "sba", 1024), ("tbpo_q", "lr", 1024), ("tbpo_q", "sba", 0)],
     )
-    def test_matches_naive_full_logits(
-        self, variant, generator, baseline_hidden_size, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
-    ):
+    def test_matches_naive_full_logits(self, variant, generator, baseline_hidden_size, tbpo, tmp_path):
         """Invariant 25 (TBPO-A with h = LR is the per-token, min-length-averaged TDPO1) and its TBPO-Q counterpart,
-        in value and gradient, on pairs of different lengths in both directions."""
-        trainer = build(
-            tiny_model_path,
-            tiny_tokenizer,
-            train_subset,
+        in value and gradient, on pairs of different lengths in both directions: float64 models against a float64
+        naive computation (`testing_utils.EQUIVALENCE_RTOL`)."""
+        trainer = tbpo(
             tmp_path,
             variant=variant,
             generator=generator,
             baseline_hidden_size=baseline_hidden_size,
             beta=0.5,
+            model_init_kwargs=FLOAT64_MODEL,
         )
         perturb(trainer.model)
-        if trainer.baseline_head is not None:
-            randomize_head(trainer.baseline_head)
+        perturb_head(trainer)
         batch = collated_batch(trainer, num_pairs=8)
         lengths = batch["completion_mask"].sum(dim=1).chunk(2)
         assert (lengths[0] > lengths[1]).any() and (lengths[0] < lengths[1]).any()
 
         loss, grads = loss_and_grads(trainer, batch)
-        params = trainable_parameters(trainer)
+        params = model_parameters(trainer, trainable_only=True)
         expected = naive_tbpo_loss(trainer, batch, generator)
         expected_grads = torch.autograd.grad(expected, list(params.values()), allow_unused=True)
-        torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
-        for (name, param), expected_grad in zip(params.items(), expected_grads):
-            if expected_grad is None:
-                expected_grad = torch.zeros_like(param)
-            torch.testing.assert_close(grads.get(name, torch.zeros_like(param)), expected_grad, rtol=1e-4, atol=1e-6)
+        assert_relatively_close(loss, expected, EQUIVALENCE_RTOL, "loss")
+        for name, expected_grad in zip(params, expected_grads):
+            if expected_grad is None:  # a parameter the loss does not reach
+                assert name not in grads or not grads[name].any(), name
+            else:
+                assert_relatively_close(grads[name], expected_grad, EQUIVALENCE_RTOL, name)
 
     @pytest.mark.parametrize("variant", ["tbpo_a", "tbpo_q"])
-    def test_identical_responses_give_zero_gradient(
-        self, variant, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
-    ):
+    def test_identical_responses_give_zero_gradient(self, variant, tbpo, tmp_path):
         """Invariant 21: identical chosen and rejected rows give log R_t = 0 at every token and a zero gradient, for
-        the policy and for the TBPO-Q head (b is identical on both sides), away from initialisation."""
-        trainer = build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path, variant=variant, generator="sba")
+        the policy and for the TBPO-Q head (b is identical on both sides), away from initialisation. Zero up to
+        rounding: the two sides' gradients cancel in float32 reductions, so each gradient is compared with the one
+        the same trainer gets from the real pairs."""
+        trainer = tbpo(
+            tmp_path,
+            variant=variant,
+            generator="sba",
+            model_init_kwargs=FLOAT64_MODEL,
+        )
         perturb(trainer.model)
-        if trainer.baseline_head is not None:
-            randomize_head(trainer.baseline_head)
+        perturb_head(trainer)
         trainer.model.train()
-        loss, grads = loss_and_grads(trainer, swap_rejected_for_chosen(collated_batch(trainer)))
-        torch.testing.assert_close(loss, torch.tensor(0.25), rtol=0, atol=1e-6)  # ℓ_SBA(0,4)(R=1)
-        assert trainer._metrics["train"]["log_R/mean"][-1] == pytest.approx(0.0, abs=1e-7)
-        assert grads
+        batch = collated_batch(trainer)
+        _, reference_grads = loss_and_grads(trainer, batch)
+        loss, grads = loss_and_grads(trainer, swap_rejected_for_chosen(batch))
+        assert loss.item() == pytest.approx(0.25, rel=4 * STATS_ROUNDOFF, abs=0)  # ℓ_SBA(0,4)(R=1)
+        # ρ_w − ρ_l = 0 exactly (the same rows through the same pass); TBPO-Q's centred b_l − b_w rounds in float64
+        assert trainer._metrics["train"]["log_R/mean"][-1] == pytest.approx(0.0, abs=STATS_ROUNDOFF)
+        assert grads.keys() == reference_grads.keys()
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, torch.zeros_like(grad), rtol=0, atol=1e-7, msg=name)
+            assert grad.norm() <= EQUIVALENCE_RTOL * reference_grads[name].norm(), name
 
     @pytest.mark.parametrize("variant", ["tbpo_a", "tbpo_q"])
-    def test_appending_to_the_longer_response_changes_nothing(
-        self, variant, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
-    ):
+    def test_appending_to_the_longer_response_changes_nothing(self, variant, tiny_tokenizer, tbpo, tmp_path):
         """Invariant 22: only the first T = min(n_w, n_l) positions matter. Appending tokens to the longer completion
-        of every pair (chosen or rejected, through the model) leaves loss and gradient unchanged."""
-        trainer = build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path, variant=variant)
+        of every pair (chosen or rejected, through the model) leaves loss and gradient unchanged (float64)."""
+        trainer = tbpo(tmp_path, variant=variant, model_init_kwargs=FLOAT64_MODEL)
         perturb(trainer.model)
-        if trainer.baseline_head is not None:
-            randomize_head(trainer.baseline_head)
+        perturb_head(trainer)
         batch = collated_batch(trainer, num_pairs=8)
         lengths = batch["completion_mask"].sum(dim=1)
         num_pairs, extra = len(lengths) // 2, 4
@@ -345,8 +277,7 @@ class TestPerTokenLoss:
             if lengths[i] != lengths[num_pairs + i]
         ]
         assert len(longer_rows) >= 4
-        extended = {key: F.pad(value, (0, extra), value=0) for key, value in batch.items()}
-        extended["input_ids"][:, -extra:] = tiny_tokenizer.pad_token_id
+        extended = with_trailing_padding(batch, extra, tiny_tokenizer.pad_token_id)
         generator = torch.Generator().manual_seed(0)
         for row in longer_rows:
             end = int(batch["attention_mask"][row].sum())  # right padding: the completion ends here
@@ -354,43 +285,22 @@ class TestPerTokenLoss:
             extended["attention_mask"][row, end : end + extra] = 1
             extended["completion_mask"][row, end : end + extra] = 1
 
-        loss, grads = loss_and_grads(trainer, batch)
-        extended_loss, extended_grads = loss_and_grads(trainer, extended)
-        torch.testing.assert_close(extended_loss, loss, rtol=1e-6, atol=1e-7)
-        for name, grad in grads.items():
-            torch.testing.assert_close(extended_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        assert_same_loss_and_grads(loss_and_grads(trainer, extended), loss_and_grads(trainer, batch))
 
-    def test_trailing_padding_changes_nothing(self, tiny_model_path, tiny_tokenizer, train_subset, tmp_path):
+    def test_trailing_padding_changes_nothing(self, tiny_tokenizer, tbpo, tmp_path):
         """Invariants 1 and 23: extra padding columns leave the loss unchanged (alignment is by completion index)."""
-        trainer = build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path, variant="tbpo_q")
+        trainer = tbpo(tmp_path, variant="tbpo_q", model_init_kwargs=FLOAT64_MODEL)
         perturb(trainer.model)
-        randomize_head(trainer.baseline_head)
-        batch = collated_batch(trainer)
-        padded = {key: F.pad(value, (0, 5), value=0) for key, value in batch.items()}
-        padded["input_ids"][:, -5:] = tiny_tokenizer.pad_token_id
-        with torch.no_grad():
-            torch.testing.assert_close(
-                trainer.compute_loss(trainer.model, padded), trainer.compute_loss(trainer.model, batch)
-            )
+        perturb_head(trainer)
+        assert_trailing_padding_changes_nothing(trainer, tiny_tokenizer.pad_token_id)
 
     @pytest.mark.parametrize(
         "variant, generator, generator_lambda",
         [("tbpo_a", "sba", 0.0), ("tbpo_a", "lsif", 0.0), ("tbpo_q", "ba", 1.0)],
     )
-    def test_extreme_logits_stay_finite(
-        self, variant, generator, generator_lambda, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
-    ):
+    def test_extreme_logits_stay_finite(self, variant, generator, generator_lambda, tbpo, tmp_path):
         """Invariant 27: with logits scaled far beyond the clamp, loss and gradients are finite."""
-        trainer = build(
-            tiny_model_path,
-            tiny_tokenizer,
-            train_subset,
-            tmp_path,
-            variant=variant,
-            generator=generator,
-            generator_lambda=generator_lambda,
-            beta=1.0,
-        )
+        trainer = tbpo(tmp_path, variant=variant, generator=generator, generator_lambda=generator_lambda, beta=1.0)
         with torch.no_grad():
             trainer.model.get_output_embeddings().weight.mul_(3000.0)
         trainer.model.train()
@@ -404,34 +314,22 @@ class TestPerTokenLoss:
 
 class TestMetrics:
     @pytest.mark.parametrize("variant", ["tbpo_a", "tbpo_q"])
-    def test_logged_metrics(self, variant, tiny_model_path, tiny_tokenizer, train_subset, tmp_path):
-        trainer = build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path, variant=variant, beta=0.3)
+    def test_logged_metrics(self, variant, dpo_metric_keys, tbpo, tmp_path):
+        """Every metric DPOTrainer logs (their values: test_dpo_metrics.py), and each variant's own."""
+        trainer = tbpo(tmp_path, variant=variant, beta=0.3)
         perturb(trainer.model)
-        if trainer.baseline_head is not None:
-            randomize_head(trainer.baseline_head)
+        perturb_head(trainer)
         trainer.model.train()
         batch = collated_batch(trainer)
         with torch.no_grad():
             trainer.compute_loss(trainer.model, batch)
-        metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
-        dpo_keys = {
-            "entropy",
-            "num_tokens",
-            "logits/chosen",
-            "logits/rejected",
-            "mean_token_accuracy",
-            "rewards/chosen",
-            "rewards/rejected",
-            "rewards/accuracies",
-            "rewards/margins",
-            "logps/chosen",
-            "logps/rejected",
-        }
+        metrics = last_metrics(trainer)
         variant_keys = {
             "tbpo_a": {"kl/chosen", "kl/rejected", "kl/margin"},
             "tbpo_q": {"baseline/log_w_abs_mean", "baseline/frac_clamped"},
         }
-        assert dpo_keys | {"log_R/mean", "log_R/frac_below_zero", "min_length"} | variant_keys[variant] <= set(metrics)
+        own_keys = {"log_R/mean", "log_R/frac_below_zero", "min_length"} | variant_keys[variant]
+        assert dpo_metric_keys["train"] | own_keys <= set(metrics)
         assert not variant_keys["tbpo_a" if variant == "tbpo_q" else "tbpo_q"] & set(metrics)
         # DPO's rewards keep DPO's meaning: β Σ_t ρ_t per completion
         mask = batch["completion_mask"][:, 1:].bool()
@@ -448,10 +346,10 @@ class TestMetrics:
 
 
 class TestBaselineHead:
-    def test_gradients_reach_the_head_not_the_backbone(self, tiny_model_path, tiny_tokenizer, train_subset, tmp_path):
+    def test_gradients_reach_the_head_not_the_backbone(self, tbpo, tmp_path):
         """Invariant 26: the head reads detached hidden states. A loss through the head alone leaves the backbone
         without gradient; the TBPO loss gives the head a gradient (the zero-initialised output layer included)."""
-        trainer = build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path, variant="tbpo_q")
+        trainer = tbpo(tmp_path, variant="tbpo_q")
         head = trainer.baseline_head
         assert isinstance(head, BaselineHead) and head.hidden_size == 1024
         assert all(p.dtype == torch.float32 and p.device == trainer.accelerator.device for p in head.parameters())
@@ -467,15 +365,12 @@ class TestBaselineHead:
         _, grads = loss_and_grads(trainer, batch)
         assert grads["baseline_head.net.2.weight"].abs().sum() > 0
         # No output bias: a constant shift of b cancels in b_l − b_w, so it could never be trained
-        assert "baseline_head.net.2.bias" not in trainable_parameters(trainer)
+        assert "baseline_head.net.2.bias" not in model_parameters(trainer, trainable_only=True)
 
-    def test_head_optimizer_steps_once_per_policy_step(self, tiny_model_path, tiny_tokenizer, train_subset, tmp_path):
+    def test_head_optimizer_steps_once_per_policy_step(self, tbpo, tmp_path):
         """Separate optimizer (invariant 26): AdamW at `baseline_learning_rate`, none of the policy optimizer's
         parameters, stepped once per optimizer step of the policy under gradient accumulation."""
-        trainer = build(
-            tiny_model_path,
-            tiny_tokenizer,
-            train_subset,
+        trainer = tbpo(
             tmp_path,
             variant="tbpo_q",
             per_device_train_batch_size=4,
@@ -493,13 +388,13 @@ class TestBaselineHead:
         assert all(p.grad is None for p in trainer.baseline_head.parameters())  # zero_grad after each step
         assert sum("baseline/grad_norm" in log for log in trainer.state.log_history) == 3
 
-    def test_save_and_resume_restore_the_head(self, tiny_model_path, tiny_tokenizer, train_subset, tmp_path):
+    def test_save_and_resume_restore_the_head(self, tiny_model_path, tbpo, tmp_path):
         """Checkpoints hold the head and its optimizer next to (not inside) the model; resuming restores both, so a
         resumed run ends exactly where the uninterrupted run ends."""
         config = dict(
             variant="tbpo_q", max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=4
         )
-        first = build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path / "run", **config)
+        first = tbpo(tmp_path / "run", **config)
         first.train()
         checkpoint = tmp_path / "run" / "checkpoint-2"
         for name in (BASELINE_HEAD_NAME, BASELINE_OPTIMIZER_NAME, "model.safetensors"):
@@ -515,14 +410,14 @@ class TestBaselineHead:
         assert {float(state["step"]) for state in saved_optimizer["state"].values()} == {2.0}
 
         # A fresh trainer starts from a zero head; loading the checkpoint restores the saved one
-        resumed = build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path / "resumed", **config)
+        resumed = tbpo(tmp_path / "resumed", **config)
         assert resumed.baseline_head.net[2].weight.abs().sum() == 0
         resumed._load_from_checkpoint(str(checkpoint))
         for name, tensor in saved_head.state_dict().items():
             torch.testing.assert_close(resumed.baseline_head.state_dict()[name], tensor, rtol=0, atol=0)
 
         # Resuming restores head, head optimizer (Adam moments included) and policy: the resumed run ends exactly
-        # where the uninterrupted one ended
+        # (bitwise: the same operations on the same values, on one machine) where the uninterrupted one ended
         restored_states = []
         original_load = resumed._load_optimizer_and_scheduler
 
@@ -537,9 +432,9 @@ class TestBaselineHead:
             for key, value in state.items():
                 torch.testing.assert_close(restored_states[0]["state"][index][key], value, rtol=0, atol=0)
         for name, tensor in first.baseline_head.state_dict().items():
-            torch.testing.assert_close(resumed.baseline_head.state_dict()[name], tensor, msg=name)
+            assert torch.equal(resumed.baseline_head.state_dict()[name], tensor), name
         for name, param in first.model.named_parameters():
-            torch.testing.assert_close(resumed.model.get_parameter(name), param, msg=name)
+            assert torch.equal(resumed.model.get_parameter(name), param), name
         assert {float(s["step"]) for s in resumed.baseline_optimizer.state.values()} == {4.0}
 
         # `load_best_model_at_end` brings back the best checkpoint's head with its model
@@ -548,9 +443,7 @@ class TestBaselineHead:
         for name, tensor in saved_head.state_dict().items():
             torch.testing.assert_close(first.baseline_head.state_dict()[name], tensor, rtol=0, atol=0)
 
-    def test_head_step_unscales_fp16_gradients_and_skips_non_finite(
-        self, tiny_model_path, tiny_tokenizer, train_subset, tmp_path, monkeypatch
-    ):
+    def test_head_step_unscales_fp16_gradients_and_skips_non_finite(self, tbpo, tmp_path, monkeypatch):
         """Under native fp16 AMP the loss (hence the head's gradients) carries the GradScaler's scale: the head's step
         removes it, and skips a step with non-finite gradients, as the scaler skips the policy's."""
 
@@ -561,9 +454,7 @@ class TestBaselineHead:
             def get_scale(self):
                 return 1024.0
 
-        trainer = build(
-            tiny_model_path, tiny_tokenizer, train_subset, tmp_path, variant="tbpo_q", baseline_max_grad_norm=0.0
-        )
+        trainer = tbpo(tmp_path, variant="tbpo_q", baseline_max_grad_norm=0.0)
         monkeypatch.setattr(trainer.accelerator, "scaler", FakeScaler())
         head = trainer.baseline_head
         for param in head.parameters():
@@ -589,7 +480,7 @@ class TestBaselineHead:
 class TestTraining:
     @pytest.mark.parametrize("variant", ["tbpo_a", "tbpo_q"])
     def test_full_fine_tuning(self, variant, tiny_model_path, tiny_tokenizer, default_dataset, tmp_path):
-        args = fast_args(tmp_path / "run", variant=variant, max_steps=15)
+        args = tbpo_args(tmp_path / "run", variant=variant, max_steps=15)
         trainer = TBPOTrainer(
             model=tiny_model_path,
             args=args,
@@ -597,12 +488,12 @@ class TestTraining:
             eval_dataset=default_dataset["test"].select(range(16)),
             processing_class=tiny_tokenizer,
         )
-        before = {name: param.detach().clone() for name, param in trainable_parameters(trainer).items()}
+        before = snapshot(model_parameters(trainer))
         trainer.train()
-        losses = losses_from_logs(trainer)
+        losses = logged_losses(trainer)
         assert losses[0] == pytest.approx(0.25, abs=1e-4)  # ℓ_SBA(0,4)(1), the default generator
         assert sum(losses[-5:]) / 5 < 0.9 * losses[0]
-        assert changed_parameters(before, trainable_parameters(trainer).items()) == set(before)
+        assert changed_parameters(before, model_parameters(trainer)) == set(before)  # every parameter moved
         for name, param in trainer.ref_model.named_parameters():  # the reference is untouched
             torch.testing.assert_close(param, before[name])
         key = "kl/rejected" if variant == "tbpo_a" else "baseline/log_w_abs_mean"
@@ -612,20 +503,16 @@ class TestTraining:
         assert {"eval_loss", "eval_log_R/mean", "eval_rewards/accuracies"} <= metrics.keys()
 
         output_dir = tmp_path / "saved"
-        trainer.save_model(str(output_dir))
-        reloaded = AutoModelForCausalLM.from_pretrained(str(output_dir))
-        assert reloaded.state_dict().keys() == trainer.model.state_dict().keys()
-        for name, param in reloaded.named_parameters():
-            torch.testing.assert_close(param, trainer.model.get_parameter(name).detach())
+        assert_saved_model_reloads(trainer, output_dir)
         assert os.path.isfile(output_dir / BASELINE_HEAD_NAME) == (variant == "tbpo_q")
         if variant == "tbpo_q":
             head = load_baseline_head(str(output_dir))
             for name, tensor in trainer.baseline_head.state_dict().items():
-                torch.testing.assert_close(head.state_dict()[name], tensor)
+                assert torch.equal(head.state_dict()[name], tensor), name
 
     @pytest.mark.parametrize("variant", ["tbpo_a", "tbpo_q"])
     def test_lora(self, variant, tiny_model_path, tiny_tokenizer, default_dataset, tmp_path):
-        args = fast_args(tmp_path / "run", variant=variant, learning_rate=2e-2, max_steps=15)
+        args = tbpo_args(tmp_path / "run", variant=variant, learning_rate=2e-2, max_steps=15)
         peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
         trainer = TBPOTrainer(
             model=tiny_model_path,
@@ -635,31 +522,26 @@ class TestTraining:
             peft_config=peft_config,
         )
         assert trainer.ref_model is None  # the reference is the model with its adapter disabled
-        before = {name: param.detach().clone() for name, param in trainable_parameters(trainer).items()}
+        before = snapshot(model_parameters(trainer))  # the frozen base model's parameters included
         trainer.train()
-        losses = losses_from_logs(trainer)
+        losses = logged_losses(trainer)
         assert sum(losses[-5:]) / 5 < losses[0]
-        changed = changed_parameters(before, trainable_parameters(trainer).items())
-        assert changed == set(before)
+        changed = changed_parameters(before, model_parameters(trainer))
+        assert changed == set(model_parameters(trainer, trainable_only=True))
         assert all("lora_" in name or name.startswith("baseline_head.") for name in changed)
         assert any(name.startswith("baseline_head.") for name in changed) == (variant == "tbpo_q")
 
-        trainer.save_model(str(tmp_path / "adapter"))
+        assert_saved_adapter_reloads(trainer, tiny_model_path, tmp_path / "adapter")
         assert os.path.isfile(tmp_path / "adapter" / BASELINE_HEAD_NAME) == (variant == "tbpo_q")
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-        reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
-        for name, param in reloaded.named_parameters():
-            if "lora_" in name:
-                torch.testing.assert_close(param, trainer.model.get_parameter(name).detach())
 
     def test_sequence_level_bpo_trains(self, tiny_model_path, tiny_tokenizer, default_dataset, tmp_path):
-        args = fast_args(tmp_path / "run", token_level=False, max_steps=10)
+        args = tbpo_args(tmp_path / "run", token_level=False, max_steps=10)
         trainer = TBPOTrainer(
             model=tiny_model_path, args=args, train_dataset=default_dataset["train"], processing_class=tiny_tokenizer
         )
         assert trainer.baseline_head is None
         trainer.train()
-        losses = losses_from_logs(trainer)
+        losses = logged_losses(trainer)
         assert losses[0] == pytest.approx(0.25, abs=1e-4) and sum(losses[-4:]) / 4 < losses[0]
         assert "min_length" not in trainer.state.log_history[-2]
 
@@ -711,13 +593,11 @@ class TestConfig:
         with pytest.raises(ValueError, match=message):
             TBPOConfig(output_dir=str(tmp_path), use_cpu=True, **kwargs)
 
-    def test_head_is_sized_from_the_model(self, tiny_model_path, tiny_tokenizer, train_subset, tmp_path):
-        trainer = build(
-            tiny_model_path, tiny_tokenizer, train_subset, tmp_path, variant="tbpo_q", baseline_hidden_size=0
-        )
+    def test_head_is_sized_from_the_model(self, tbpo, tmp_path):
+        trainer = tbpo(tmp_path, variant="tbpo_q", baseline_hidden_size=0)
         head = trainer.baseline_head
         assert isinstance(head.net, torch.nn.Linear) and head.input_size == trainer.model.config.hidden_size
-        assert build(tiny_model_path, tiny_tokenizer, train_subset, tmp_path / "a").baseline_head is None
+        assert tbpo(tmp_path / "a").baseline_head is None
 
 
 DISTRIBUTED_SCRIPT = """

@@ -4,6 +4,7 @@ validation of precomputed columns, training runs (full, LoRA, from the precomput
 configuration errors. Invariant numbers refer to ALGORITHMS.md §6; the hand-computed 2-token case (13) and the pure
 monotonicity check (14) are in `tests/test_losses.py`."""
 
+import functools
 import importlib.util
 import json
 import math
@@ -14,6 +15,22 @@ import torch
 import torch.nn.functional as F
 from datasets import load_dataset
 from peft import LoraConfig
+from testing_utils import (
+    EQUIVALENCE_RTOL,
+    FLOAT64_MODEL,
+    assert_relatively_close,
+    assert_same_loss_and_grads,
+    changed_parameters,
+    collated_batch,
+    fast_args,
+    last_metrics,
+    logged_losses,
+    loss_and_grads,
+    model_parameters,
+    perturbed_copy,
+    saved_in_float64,
+    snapshot,
+)
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
@@ -25,57 +42,13 @@ from trl_tokenpref.tiny import build_tiny_model
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALPHA = 5.0  # large enough that a misplaced or mis-scaled token reward changes the loss visibly
 NEW_METRICS = {"token_rewards/chosen", "token_rewards/rejected", "token_rewards/negative_weights"}
-
-
-def fast_args(output_dir, config_class=TGDPOConfig, **overrides):
-    """Settings for tiny CPU runs: fp32, no gradient checkpointing, a high constant learning rate."""
-    kwargs = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        max_steps=10,
-        learning_rate=2e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return config_class(**kwargs)
-
-
-def perturbed_copy(source: str, target: Path, seed: int, scale: float, lm_head_only: bool = False) -> str:
-    """Save `source` with Gaussian noise added to its weights (all of them, or only the LM head)."""
-    model = AutoModelForCausalLM.from_pretrained(source)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not lm_head_only or name.startswith("lm_head"):
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
-    model.save_pretrained(target)
-    return str(target)
+tgdpo_args = functools.partial(fast_args, config_class=TGDPOConfig)
 
 
 @pytest.fixture(scope="module")
 def policy_path(tiny_model_path, tmp_path_factory) -> str:
     """The model to train: the reference (`tiny_model_path`) moved away, so that ρ_t ≠ 0 from the first step."""
     return perturbed_copy(tiny_model_path, tmp_path_factory.mktemp("policy"), seed=1, scale=0.05)
-
-
-@pytest.fixture(scope="module")
-def guidance_path(tiny_model_path, tmp_path_factory) -> str:
-    """A guidance model with the reference's tokenizer whose token rewards r̂ vary by token (|r̂| ~ 0.1 at β = 0.1)."""
-    return perturbed_copy(tiny_model_path, tmp_path_factory.mktemp("guidance"), seed=2, scale=0.1, lm_head_only=True)
-
-
-@pytest.fixture(scope="module")
-def train_subset(default_dataset):
-    return default_dataset["train"].select(range(32))
 
 
 @pytest.fixture(scope="module")
@@ -91,64 +64,40 @@ def script_module():
 @pytest.fixture(scope="module")
 def precomputed(script_module, default_dataset, tiny_model_path, guidance_path, tmp_path_factory):
     """The precompute script run in-process on local JSON Lines files (32 train and 8 test pairs), written as JSON
-    Lines and loaded back: the whole file round trip a user goes through."""
+    Lines and loaded back: the whole file round trip a user goes through. The script loads float64 copies of the
+    models (`--dtype auto`), as the equivalence tests below run the trainers in float64."""
     data_dir = tmp_path_factory.mktemp("data")
     default_dataset["train"].select(range(32)).to_json(str(data_dir / "train.jsonl"))
     default_dataset["test"].select(range(8)).to_json(str(data_dir / "test.jsonl"))
     output_dir = tmp_path_factory.mktemp("token_rewards")
-    torch.set_num_threads(1)
+    models = {
+        "--guidance_model": saved_in_float64(guidance_path, tmp_path_factory.mktemp("guidance64")),
+        "--ref_model": saved_in_float64(tiny_model_path, tmp_path_factory.mktemp("ref64")),
+    }
     paths = script_module.main(
-        [
-            "--guidance_model",
-            guidance_path,
-            "--ref_model",
-            tiny_model_path,
-            "--dataset_path",
-            str(data_dir),
-            "--output_dir",
-            str(output_dir),
-            "--output_format",
-            "jsonl",
-            "--beta",
-            "0.1",
-            "--batch_size",
-            "3",  # 32 and 8 rows: the last batch is partial (gathering must not drop its rejected half)
-        ]
+        [*(item for option in models.items() for item in option), "--tokenizer", tiny_model_path, "--dtype", "auto"]
+        + ["--dataset_path", str(data_dir), "--output_dir", str(output_dir), "--output_format", "jsonl"]
+        # 32 and 8 rows: the last batch is partial (gathering must not drop its rejected half)
+        + ["--beta", "0.1", "--batch_size", "3"]
     )
     info = json.loads((output_dir / "token_rewards_info.json").read_text())
     return load_dataset("json", data_files=paths), info
 
 
-def collated_batch(trainer, num_pairs=6):
-    examples = [trainer.train_dataset[i] for i in range(num_pairs)]
-    return trainer._prepare_inputs(trainer.data_collator(examples))
-
-
-def loss_and_grads(trainer, batch):
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
-    trainer.model.zero_grad()
-    return loss.detach(), grads
-
-
-def assert_same_loss_and_grads(result, expected, rtol=1e-4, atol=1e-6):
-    torch.testing.assert_close(result[0], expected[0], rtol=rtol, atol=atol)
-    assert result[1].keys() == expected[1].keys()
-    for name, grad in expected[1].items():
-        torch.testing.assert_close(result[1][name], grad, rtol=rtol, atol=atol, msg=name)
-
-
 def tgdpo(model_path, tokenizer, dataset, tmp_path, ref_path=None, guidance=None, **config):
-    """A TGDPOTrainer training `model_path`, with an explicit reference loaded from `ref_path` (if given)."""
-    ref_model = AutoModelForCausalLM.from_pretrained(ref_path) if ref_path else None
+    """A float64 TGDPOTrainer training `model_path`, with an explicit reference loaded from `ref_path` (if given)."""
+    ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float64) if ref_path else None
     name = "-".join(f"{key}={value}" for key, value in config.items()) or "default"
     return TGDPOTrainer(
         model=model_path,
         ref_model=ref_model,
         guidance_model=guidance,
-        args=fast_args(tmp_path / name, alpha=config.pop("alpha", ALPHA), **config),
+        args=tgdpo_args(
+            tmp_path / name,
+            alpha=config.pop("alpha", ALPHA),
+            model_init_kwargs=FLOAT64_MODEL,
+            **config,
+        ),
         train_dataset=dataset,
         processing_class=tokenizer,
     )
@@ -160,11 +109,11 @@ class TestEquivalenceWithDPO:
         self, case, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
     ):
         """Invariant 11: α = 0 (with a real guidance model), or a guidance model equal to the reference (r̂ ≡ 0, any
-        α), gives DPO's loss and gradient, away from initialisation."""
+        α), gives DPO's loss and gradient, away from initialisation (float64: `testing_utils.EQUIVALENCE_RTOL`)."""
         dpo = DPOTrainer(
             model=policy_path,
-            ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
-            args=fast_args(tmp_path / "dpo", DPOConfig),
+            ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float64),
+            args=fast_args(tmp_path / "dpo", DPOConfig, model_init_kwargs=FLOAT64_MODEL),
             train_dataset=train_subset,
             processing_class=tiny_tokenizer,
         )
@@ -198,7 +147,8 @@ class TestLoss:
     ):
         """Invariants 12 and 13 on a real batch: the loss and the policy gradient equal
         −log σ(β Σ_t (1 + α r̂^w_t) ρ^w_t − β Σ_t (1 − α r̂^l_t) ρ^l_t) computed from the three models' full logits,
-        with r̂ = β (log π_guide − log π_ref) a constant; no gradient reaches the reference or the guidance model."""
+        with r̂ = β (log π_guide − log π_ref) a constant; no gradient reaches the reference or the guidance model.
+        The naive computation is float64 throughout; the trainer's differs by its float32 statistics."""
         beta = 0.2
         trainer = tgdpo(policy_path, tiny_tokenizer, train_subset, tmp_path, tiny_model_path, guidance_path, beta=beta)
         batch = collated_batch(trainer)
@@ -209,7 +159,9 @@ class TestLoss:
         mask = batch["completion_mask"][:, 1:].bool()
 
         def label_log_probs(model):
-            return F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1).gather(-1, labels).squeeze(-1)
+            logits = model(**inputs).logits[:, :-1]
+            assert logits.dtype == torch.float64
+            return F.log_softmax(logits, dim=-1).gather(-1, labels).squeeze(-1)
 
         with torch.no_grad():
             ref = label_log_probs(trainer.ref_model)
@@ -221,9 +173,7 @@ class TestLoss:
         assert (rewards[mask].abs() > 1e-3).float().mean() > 0.5  # the guidance is not trivial
         params = dict(trainer.model.named_parameters())
         naive_grads = torch.autograd.grad(naive, list(params.values()))
-        torch.testing.assert_close(loss, naive.detach(), rtol=1e-5, atol=1e-6)
-        for (name, _), naive_grad in zip(params.items(), naive_grads):
-            torch.testing.assert_close(grads[name], naive_grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_same_loss_and_grads((loss, grads), (naive.detach(), dict(zip(params, naive_grads))))
 
         # Invariant 12: nothing reaches the reference or the guidance model
         trainer.compute_loss(trainer.model, batch).backward()
@@ -252,7 +202,7 @@ class TestLoss:
                 assert trainer.compute_loss(trainer.model, bumped) < base
 
     def test_negative_weight_metric_and_clamp(
-        self, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
+        self, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, train_subset, dpo_metric_keys, tmp_path
     ):
         """`token_rewards/negative_weights` counts weights 1 ± α r̂ < 0 (sign flips, ALGORITHMS.md §2.5 a);
         `min_token_weight=0` removes them and changes the loss."""
@@ -271,12 +221,12 @@ class TestLoss:
             trainer.model.train()
             with torch.no_grad():
                 loss = trainer.compute_loss(trainer.model, collated_batch(trainer))
-            results[name] = (loss, {key: values[-1] for key, values in trainer._metrics["train"].items()})
+            results[name] = (loss, last_metrics(trainer))
         assert results["free"][1]["token_rewards/negative_weights"] > 0.05
         assert results["clamped"][1]["token_rewards/negative_weights"] == 0.0
         assert not torch.allclose(results["free"][0], results["clamped"][0])
         metrics = results["free"][1]
-        assert NEW_METRICS | {"rewards/chosen", "rewards/margins", "logps/chosen", "entropy"} <= metrics.keys()
+        assert NEW_METRICS | dpo_metric_keys["train"] <= metrics.keys()  # their values: test_dpo_metrics.py
         assert metrics["rewards/margins"] == pytest.approx(
             metrics["rewards/chosen"] - metrics["rewards/rejected"], abs=1e-6
         )
@@ -288,7 +238,8 @@ class TestPrecomputed:
     ):
         """The same batch, four ways: guidance model on the fly; precomputed reference log-probs and guidance rewards
         (`precompute_ref_log_probs=True`); the script's reward columns with the reference on the fly; and the script's
-        columns with precomputed reference log-probs (a DPO-cost step). Same loss and gradient to float tolerance."""
+        columns with precomputed reference log-probs (a DPO-cost step). Same loss and gradient in float64, to the
+        rounding of the float32 statistics (`testing_utils.EQUIVALENCE_RTOL`)."""
         dataset = precomputed[0]["train"]
         without_columns = dataset.remove_columns(["chosen_token_rewards", "rejected_token_rewards"])
         common = dict(model_path=policy_path, tokenizer=tiny_tokenizer, tmp_path=tmp_path, ref_path=tiny_model_path)
@@ -318,11 +269,13 @@ class TestPrecomputed:
             trainers["columns_precompute_ref"].train_dataset,
         )
         for side in ("chosen", "rejected"):
-            for mine, script in zip(stored[f"{side}_token_rewards"], dataset[f"{side}_token_rewards"], strict=True):
-                torch.testing.assert_close(torch.tensor(mine), torch.tensor(script), rtol=1e-4, atol=1e-6)
+            for row, (mine, script) in enumerate(
+                zip(stored[f"{side}_token_rewards"], dataset[f"{side}_token_rewards"], strict=True)
+            ):
+                assert_relatively_close(torch.tensor(mine), torch.tensor(script), EQUIVALENCE_RTOL, f"{side} {row}")
             column = f"ref_{side}_token_logps"
-            for mine, other in zip(stored[column], reference_only[column], strict=True):
-                torch.testing.assert_close(torch.tensor(mine), torch.tensor(other))
+            for row, (mine, other) in enumerate(zip(stored[column], reference_only[column], strict=True)):
+                assert_relatively_close(torch.tensor(mine), torch.tensor(other), EQUIVALENCE_RTOL, f"{column} {row}")
 
     def test_peft_precompute_uses_the_adapter_free_reference(
         self, tiny_model_path, guidance_path, tiny_tokenizer, train_subset, tmp_path
@@ -335,8 +288,9 @@ class TestPrecomputed:
             trainer = TGDPOTrainer(
                 model=tiny_model_path,
                 guidance_model=guidance_path,
-                args=fast_args(
+                args=tgdpo_args(
                     tmp_path / str(precompute),
+                    model_init_kwargs=FLOAT64_MODEL,
                     alpha=ALPHA,
                     precompute_ref_log_probs=precompute,
                     precompute_ref_batch_size=5,
@@ -379,7 +333,7 @@ class TestPrecomputed:
         assert paths == {"train": str(tmp_path / "out" / "train")}
         assert any(None in row["chosen_token_rewards"] for row in dataset)
         trainer = TGDPOTrainer(
-            model=tiny_model_path, args=fast_args(tmp_path / "ok", max_length=20), train_dataset=dataset
+            model=tiny_model_path, args=tgdpo_args(tmp_path / "ok", max_length=20), train_dataset=dataset
         )
         with torch.no_grad():
             batch = collated_batch(trainer, 8)
@@ -387,10 +341,10 @@ class TestPrecomputed:
         with pytest.raises(
             ValueError, match=r"Row \d+ of the train dataset: `\w+_token_rewards` has no value \(null\)"
         ):
-            TGDPOTrainer(model=tiny_model_path, args=fast_args(tmp_path / "bad"), train_dataset=dataset)
+            TGDPOTrainer(model=tiny_model_path, args=tgdpo_args(tmp_path / "bad"), train_dataset=dataset)
         # An IterableDataset cannot be checked before training: the collator refuses the batch instead
         trainer = TGDPOTrainer(
-            model=tiny_model_path, args=fast_args(tmp_path / "iterable"), train_dataset=dataset.to_iterable_dataset()
+            model=tiny_model_path, args=tgdpo_args(tmp_path / "iterable"), train_dataset=dataset.to_iterable_dataset()
         )
         with pytest.raises(ValueError, match="missing or non-finite value in `chosen_token_rewards`"):
             trainer.train()
@@ -434,7 +388,7 @@ class TestPrecomputed:
             TGDPOTrainer(
                 model=tiny_model_path,
                 guidance_model=guidance_path,
-                args=fast_args(tmp_path, guidance_model_name_or_path=guidance_path),
+                args=tgdpo_args(tmp_path, guidance_model_name_or_path=guidance_path),
                 train_dataset=dataset,
             )
 
@@ -471,10 +425,6 @@ class TestCollator:
             collator([dict(example, chosen_token_rewards=[0.1, 0.2], rejected_token_rewards=[math.inf])])
 
 
-def changed_parameters(before, model):
-    return {name for name, param in model.named_parameters() if not torch.equal(before[name], param.detach())}
-
-
 class TestTraining:
     def test_full_fine_tuning_with_guidance_model(
         self, tiny_model_path, guidance_path, tiny_tokenizer, default_dataset, tmp_path
@@ -482,19 +432,19 @@ class TestTraining:
         trainer = TGDPOTrainer(
             model=tiny_model_path,
             guidance_model=guidance_path,
-            args=fast_args(tmp_path / "run", alpha=0.5, max_steps=12),
+            args=tgdpo_args(tmp_path / "run", alpha=0.5, max_steps=12),
             train_dataset=default_dataset["train"].select(range(96)),
             eval_dataset=default_dataset["test"].select(range(16)),
             processing_class=tiny_tokenizer,
         )
-        before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
-        guidance_before = {name: param.detach().clone() for name, param in trainer.guidance_model.named_parameters()}
+        before = snapshot(model_parameters(trainer))
+        guidance_before = snapshot(dict(trainer.guidance_model.named_parameters()))
         trainer.train()
-        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        losses = logged_losses(trainer)
         assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
         assert sum(losses[-4:]) / 4 < losses[0] - 0.05
-        assert changed_parameters(before, trainer.model) == set(before)
-        assert not changed_parameters(guidance_before, trainer.guidance_model)
+        assert changed_parameters(before, model_parameters(trainer)) == set(before)
+        assert not changed_parameters(guidance_before, dict(trainer.guidance_model.named_parameters()))
         assert NEW_METRICS <= trainer.state.log_history[-2].keys()
         metrics = trainer.evaluate()
         assert {"eval_loss", "eval_token_rewards/chosen", "eval_rewards/accuracies"} <= metrics.keys()
@@ -505,7 +455,7 @@ class TestTraining:
         dataset = precomputed[0]
         trainer = TGDPOTrainer(
             model=tiny_model_path,
-            args=fast_args(
+            args=tgdpo_args(
                 tmp_path / "run", alpha=0.5, learning_rate=2e-2, max_steps=12, precompute_ref_log_probs=True
             ),
             train_dataset=dataset["train"],
@@ -514,12 +464,14 @@ class TestTraining:
             peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
         )
         assert trainer.ref_model is None and trainer.guidance_model is None
-        before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+        before = snapshot(model_parameters(trainer))
         trainer.train()
-        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        losses = logged_losses(trainer)
         assert sum(losses[-4:]) / 4 < losses[0] - 0.05
-        trainable = {name for name, param in trainer.model.named_parameters() if param.requires_grad}
-        assert changed_parameters(before, trainer.model) == trainable and all("lora_" in n for n in trainable)
+        trainable = set(model_parameters(trainer, trainable_only=True))
+        assert changed_parameters(before, model_parameters(trainer)) == trainable and all(
+            "lora_" in n for n in trainable
+        )
         assert NEW_METRICS <= trainer.state.log_history[-2].keys()
         assert "eval_token_rewards/rejected" in trainer.evaluate()
 
@@ -571,7 +523,7 @@ class TestConfigAndErrors:
                 tgdpo(tiny_model_path, tiny_tokenizer, train_subset, tmp_path, guidance=guidance)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
         with pytest.raises(ValueError, match="`guidance_model` is the model being trained"):
-            TGDPOTrainer(model=model, guidance_model=model, args=fast_args(tmp_path), train_dataset=train_subset)
+            TGDPOTrainer(model=model, guidance_model=model, args=tgdpo_args(tmp_path), train_dataset=train_subset)
         with pytest.raises(TypeError, match="must be a `TGDPOConfig`"):
             TGDPOTrainer(
                 model=tiny_model_path,

@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from testing_utils import fast_args, logged_steps  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from trl_tokenpref.data import (  # noqa: E402
@@ -34,16 +35,6 @@ def tiny_path(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tokenizer(tiny_path):
     return AutoTokenizer.from_pretrained(tiny_path)
-
-
-@pytest.fixture
-def single_thread():
-    # With 2 threads, a tiny model's matmuls spend their time synchronising threads, and any other process on a
-    # 2-core machine makes that dramatically worse (measured: 0.9 s with 1 thread vs 21 s with 2, same losses).
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 # ----------------------------------------------------------------------------------------------------------- dataset
@@ -240,28 +231,16 @@ def test_prompt_is_token_prefix_and_sequences_are_short(tokenizer):
 # ------------------------------------------------------------------------------------------------------- learnability
 
 
-def test_dpo_learns_default_dataset(tiny_path, tmp_path, single_thread):
+def test_dpo_learns_default_dataset(tiny_path, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(
-        output_dir=str(tmp_path),
-        learning_rate=2e-3,  # TRL's default 1e-6 does nothing visible in 15 steps
-        lr_scheduler_type="constant",
-        per_device_train_batch_size=8,
-        bf16=False,  # DPOConfig defaults to bf16 autocast and gradient checkpointing, even on CPU
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        max_steps=15,
-        disable_tqdm=True,
-        seed=0,
-    )
+    # fast_args: TRL's default learning rate 1e-6 does nothing visible in 15 steps, and its bf16 autocast and gradient
+    # checkpointing only slow a tiny fp32 model down on CPU
+    args = fast_args(tmp_path, DPOConfig, max_steps=15)
     trainer = DPOTrainer(model=tiny_path, args=args, train_dataset=load_default_dataset()["train"])
     trainer.train()
 
-    logs = [log for log in trainer.state.log_history if "loss" in log]
+    logs = logged_steps(trainer)
     assert len(logs) == 15
     losses = [log["loss"] for log in logs]
     accuracies = [log["rewards/accuracies"] for log in logs]

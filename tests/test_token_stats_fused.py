@@ -41,15 +41,6 @@ def vocab_tile(request, monkeypatch):
     return VOCAB_TILES[request.param]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matmuls: one thread is faster, and the other test processes on a shared machine keep their cores
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

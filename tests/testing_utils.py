@@ -1,0 +1,232 @@
+"""Helpers shared by the test modules (TRL's convention: `tests/testing_utils.py`); fixtures are in `conftest.py`.
+
+Package internals that the tests call directly are imported here and nowhere else, so that moving one of them means
+changing one import.
+"""
+
+import inspect
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+
+import trl_tokenpref.base
+from trl_tokenpref import TBPOConfig, TBPOTrainer, TDPOConfig, TDPOTrainer, TGDPOConfig, TGDPOTrainer
+
+# Package internals used by the tests (dataset checks and the truncation rule they share with TGDPO's collator)
+from trl_tokenpref.base import TokenLevelDPOTrainer, _scored_completion_counts, _scored_completion_range
+
+
+scored_completion_range = _scored_completion_range
+scored_completion_counts = _scored_completion_counts
+check_token_counts = TokenLevelDPOTrainer._check_token_counts
+# The modules whose own checks raise the errors that `test_input_validation.py` expects
+CHECK_MODULES = frozenset(
+    {Path(trl_tokenpref.base.__file__).resolve(), Path(inspect.getsourcefile(scored_completion_range)).resolve()}
+)
+
+METHODS = {"tdpo": (TDPOTrainer, TDPOConfig), "tgdpo": (TGDPOTrainer, TGDPOConfig), "tbpo": (TBPOTrainer, TBPOConfig)}
+CONFIG_CLASSES = {DPOTrainer: DPOConfig, **dict(METHODS.values())}
+
+# ---------------------------------------------------------------------------------------------------- precision
+# Equivalence tests run the models in float64 (`model_init_kwargs=FLOAT64_MODEL`), so that their tolerances follow
+# from rounding instead of being guessed. One stage stays float32: both fused LM-head passes, ours
+# (`trl_tokenpref/token_stats.py`) and TRL's (`ChunkedLogProbFunction`, inside DPOTrainer), compute the per-token
+# statistics (log-probs, KL, entropy, mean logit) in float32 even for a float64 model, and accumulate the LM head's
+# weight gradient in float32 (so do, by design, the TBPO-Q head and TGDPO's collated token rewards). The rest rounds at
+# 2^-53, so two float64 computations of the same value differ by a few float32 roundings of those statistics:
+# tolerances are multiples of float32's unit roundoff.
+FLOAT64_MODEL = {"dtype": torch.float64}
+STATS_ROUNDOFF = 2.0**-24
+# Two float64 computations of one loss, gradient or parameter update that order their float32 work differently
+# (another kernel, another split of the batch) differ by the roundings of the statistics of each token (projection,
+# logsumexp, log-prob: < 4 roundoffs) and by the float32 reductions over them (TRL's backward sums over the 512-word
+# vocabulary and over the batch's tokens in float32 GEMMs: < log2(512) = 9 levels of blocked summation, one roundoff
+# each): about 13 roundoffs of the summed magnitudes (14 for the TBPO-Q head's sums over its 1024 hidden units). 64
+# leaves a factor 4-5 for gradients whose terms cancel. Measured on this machine: at most 16 (the TBPO-Q head's
+# gradients against a naive computation), 10 (TDPO's and BPO's gradients against DPOTrainer's), 1 (the fused statistics
+# against float64 full logits; gradient accumulation); a float32 model instead differs by 100-2500 roundoffs, depending
+# on the machine's summation order.
+EQUIVALENCE_RTOL = 64 * STATS_ROUNDOFF
+# The TBPO-Q baseline head trains in float32 whatever the model's dtype (`TBPOTrainer` keeps it so, by design), with
+# its own AdamW. Its updates follow from no rounding bound: its gradient is a centred (cancelling) sum over the batch's
+# tokens, and AdamW divides each element by that element's own running RMS, so an element whose gradient nearly
+# cancels takes a step set by its rounding. So the head keeps the bound these tests had in float32, 1e-4 (relative per
+# tensor). Measured: 60 roundoffs (3.6e-6; gradient accumulation, float64 policy), 480 (2.9e-5; two processes); a
+# head whose gradients are not all-reduced across processes drifts by ~3e-3.
+HEAD_RTOL = 1e-4
+
+
+def relative_gap(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """`‖actual − expected‖ / ‖expected‖`: a per-tensor gap, immune to the cancellation that makes single elements
+    of a gradient (a sum of many terms of both signs) arbitrarily small."""
+    expected = expected.detach().double()
+    scale = expected.norm()
+    assert scale > 0, "the expected tensor is zero: a relative comparison would prove nothing"
+    return ((actual.detach().double() - expected).norm() / scale).item()
+
+
+def assert_relatively_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = "") -> None:
+    gap = relative_gap(actual, expected)
+    assert gap <= rtol, f"{name}: relative gap {gap:.2e} exceeds {rtol:.2e}"
+
+
+def assert_same_loss_and_grads(result, expected, rtol: float = EQUIVALENCE_RTOL) -> None:
+    """`(loss, grads)` pairs from [`loss_and_grads`] agree: the loss and each gradient tensor within `rtol`."""
+    assert_relatively_close(result[0], expected[0], rtol, "loss")
+    assert result[1].keys() == expected[1].keys()
+    for name, grad in expected[1].items():
+        assert_relatively_close(result[1][name], grad, rtol, name)
+
+
+# ------------------------------------------------------------------------------------------------------ trainers
+
+
+def fast_args(output_dir, config_class=TDPOConfig, **overrides):
+    """Settings for tiny CPU runs: fp32 (no bf16 autocast), no gradient checkpointing, a high constant learning rate
+    (the gradients of a tiny model are small and TRL's default 1e-6 would not move it), a log every step."""
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        max_steps=12,
+        learning_rate=2e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return config_class(**kwargs)
+
+
+def build_trainer(trainer_class, model, tokenizer, dataset, output_dir, trainer_kwargs=None, **config):
+    """A trainer (ours or `trl.DPOTrainer`) with [`fast_args`] plus `config`, training on `dataset`."""
+    args = fast_args(output_dir, CONFIG_CLASSES[trainer_class], **config)
+    return trainer_class(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **(trainer_kwargs or {})
+    )
+
+
+def collated_batch(trainer, num_pairs: int = 6) -> dict:
+    """The first `num_pairs` rows of the trainer's train dataset, collated and on its device."""
+    examples = [trainer.train_dataset[i] for i in range(num_pairs)]
+    return trainer._prepare_inputs(trainer.data_collator(examples))
+
+
+def with_trailing_padding(batch: dict, columns: int, pad_token_id: int) -> dict:
+    """`batch` with `columns` more padding columns at the end: the pad id, attention 0, completion 0 (and 0 in any other
+    per-token column)."""
+    padded = {key: value if value.dim() < 2 else F.pad(value, (0, columns), value=0) for key, value in batch.items()}
+    padded["input_ids"][:, -columns:] = pad_token_id
+    return padded
+
+
+def assert_trailing_padding_changes_nothing(trainer, pad_token_id: int, columns: int = 5) -> None:
+    """Invariant 1: extra padding columns (pad id, attention 0, completion 0) leave the loss unchanged."""
+    batch = collated_batch(trainer)
+    padded = with_trailing_padding(batch, columns, pad_token_id)
+    with torch.no_grad():
+        loss, padded_loss = trainer.compute_loss(trainer.model, batch), trainer.compute_loss(trainer.model, padded)
+    assert_relatively_close(padded_loss, loss, EQUIVALENCE_RTOL, "loss")
+
+
+def model_parameters(trainer, trainable_only: bool = False) -> dict[str, torch.nn.Parameter]:
+    """The policy's parameters and, for TBPO-Q, the baseline head's (under `baseline_head.*`)."""
+    params = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad or not trainable_only}
+    if getattr(trainer, "baseline_head", None) is not None:
+        params.update({f"baseline_head.{name}": p for name, p in trainer.baseline_head.named_parameters()})
+    return params
+
+
+def snapshot(parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in parameters.items()}
+
+
+def changed_parameters(before: dict[str, torch.Tensor], parameters: dict[str, torch.Tensor]) -> set[str]:
+    return {name for name, param in parameters.items() if not torch.equal(before[name], param.detach())}
+
+
+def loss_and_grads(trainer, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradients of the policy (and of the TBPO-Q head, under `baseline_head.*`) on one batch."""
+    params = model_parameters(trainer, trainable_only=True)
+    for param in params.values():
+        param.grad = None
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
+    for param in params.values():
+        param.grad = None
+    return loss.detach(), grads
+
+
+def logged_steps(trainer) -> list[dict]:
+    """The training log entries (one per logged step)."""
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def logged_losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in logged_steps(trainer)]
+
+
+def last_metrics(trainer, mode: str = "train") -> dict[str, float]:
+    """The value each metric got at the last `compute_loss` call, before `log` averages and clears them."""
+    return {key: values[-1] for key, values in trainer._metrics[mode].items()}
+
+
+def assert_saved_model_reloads(trainer, output_dir: Path) -> None:
+    """`save_model` writes a plain causal LM that reloads with the trained weights, bit for bit."""
+    trainer.save_model(str(output_dir))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(output_dir))
+    assert reloaded.state_dict().keys() == trainer.model.state_dict().keys()
+    for name, param in reloaded.named_parameters():
+        assert torch.equal(param, trainer.model.get_parameter(name).detach()), name
+
+
+def assert_saved_adapter_reloads(trainer, base_model_path: str, output_dir: Path) -> None:
+    """`save_model` of a PEFT run writes the adapter, which reloads onto the base model with the trained weights."""
+    trainer.save_model(str(output_dir))
+    assert not (output_dir / "model.safetensors").exists()  # the adapter only
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_path), str(output_dir))
+    adapter = {name: param for name, param in reloaded.named_parameters() if "lora_" in name}
+    assert adapter
+    for name, param in adapter.items():
+        assert torch.equal(param, trainer.model.get_parameter(name).detach()), name
+
+
+# -------------------------------------------------------------------------------------------------------- models
+
+
+def perturb(module: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
+    """Add seeded Gaussian noise to every parameter: moves a policy away from its reference (so that ρ, κ and their
+    gradients are not zero), or gives the zero-initialised output layer of the TBPO-Q head values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            # Drawn in float32 whatever the parameter's dtype: float32 and float64 copies get the same noise
+            param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * scale)
+
+
+def perturbed_copy(source: str, target: Path, seed: int, scale: float, lm_head_only: bool = False) -> str:
+    """Save `source` with seeded Gaussian noise added to its weights (all of them, or only the LM head)."""
+    model = AutoModelForCausalLM.from_pretrained(source)
+    perturb(model.get_output_embeddings() if lm_head_only else model, seed, scale)
+    model.save_pretrained(target)
+    return str(target)
+
+
+def saved_in_float64(source: str, target: Path) -> str:
+    """`source` saved in float64 (with its tokenizer, if it has one), for what loads a model in its saved dtype
+    (`--dtype auto`: the scripts)."""
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.float64).save_pretrained(target)
+    if (Path(source) / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return str(target)
