@@ -23,10 +23,12 @@ from peft import LoraConfig
 from testing_utils import (
     CHECK_MODULES,
     METHODS,
-    check_token_counts,
+    drop_rows_without_completion_tokens,
     fast_args,
+    rows_without_completion_tokens,
     scored_completion_counts,
     scored_completion_range,
+    why_no_completion_token,
 )
 from transformers import AutoModelForCausalLM
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -212,21 +214,26 @@ def test_streamed_rows_are_checked_as_they_are_read(tiny_model_path, tiny_tokeni
 # ------------------------------------------------------------------------------------------------- token counts
 
 
-def test_prompt_filling_max_length_is_refused_not_dropped(tiny_model_path, tiny_tokenizer, standard, tmp_path):
-    """DPOTrainer silently drops rows whose prompt alone fills `max_length` (keep_start); the trainers name them."""
+def test_prompt_filling_max_length_is_dropped_like_dpo_trainer(
+    tiny_model_path, tiny_tokenizer, standard, tmp_path, caplog
+):
+    """DPOTrainer drops rows whose prompt alone fills `max_length` (keep_start); the trainers drop the same rows, and
+    name them in a warning with their count and why."""
     prompt_lengths = [len(tiny_tokenizer(prompt)["input_ids"]) for prompt in standard["prompt"]]
     max_length = sorted(prompt_lengths)[len(prompt_lengths) // 2]  # about half of the prompts fill it
     too_long = [i for i, n in enumerate(prompt_lengths) if n >= max_length]
-    with pytest.raises(ValueError) as error:
-        build(tiny_model_path, standard, tiny_tokenizer, tmp_path, max_length=max_length)
-    message = str(error.value)
-    assert message.startswith(
-        f"Row {too_long[0]} of the train dataset: its prompt alone fills `max_length={max_length}` "
+    trainer = build(tiny_model_path, standard, tiny_tokenizer, tmp_path, max_length=max_length)
+    assert len(trainer.train_dataset) == len(standard) - len(too_long)
+    kept_prompts = set(trainer.train_dataset["prompt"])
+    assert all(standard[i]["prompt"] not in kept_prompts for i in too_long)
+    message = " ".join(record.getMessage() for record in caplog.records)
+    listed = ", ".join(map(str, too_long[:10])) + (", ..." if len(too_long) > 10 else "")
+    assert f"Dropped {len(too_long)} of the {len(standard)} rows of the train dataset (rows {listed})" in message
+    assert (
+        f"Row {too_long[0]}: its prompt alone fills `max_length={max_length}` "
         f"(prompt {prompt_lengths[too_long[0]]} tokens, chosen "
-    )
-    assert f"{len(too_long)} of its 16 rows keep no completion token (rows {', '.join(map(str, too_long))})" in message
-    assert f"Raise `max_length` above the longest prompt ({max(prompt_lengths)} tokens)" in message
-    assert raised_by_our_check(error)
+    ) in message
+    assert "raise `max_length` or shorten their prompts" in message
 
     # With room for every prompt, nothing is dropped, and the collator still truncates to `max_length`
     max_length = max(prompt_lengths) + 3
@@ -243,19 +250,26 @@ def test_prompt_filling_max_length_is_refused_not_dropped(tiny_model_path, tiny_
 
 
 def test_token_count_messages():
-    """A tokenized prompt that is empty (prompt and prompt+completion tokenize differently from the first token),
-    and a completion that tokenizes to nothing, are named with their lengths."""
+    """A tokenized prompt that is empty (prompt and prompt+completion tokenize differently from the first token)
+    and a completion that tokenizes to nothing are found, and explained with their lengths."""
     args = TDPOConfig(output_dir="unused", use_cpu=True, report_to="none", max_length=None)
     empty_prompt = Dataset.from_dict(
         {"prompt_ids": [[1, 2], []], "chosen_ids": [[3, 4], [5]], "rejected_ids": [[6], [7]]}
     )
-    with pytest.raises(
-        ValueError, match=r"^Row 1 .*tokenized prompt is empty \(prompt 0 tokens, chosen 1, rejected 1\)"
-    ):
-        check_token_counts(empty_prompt, "train", args)
-    empty_completion = Dataset.from_dict({"prompt_ids": [[1, 2]], "chosen_ids": [[3]], "rejected_ids": [[]]})
-    with pytest.raises(ValueError, match=r"^Row 0 .*its rejected completion keeps 0 of its 0 tokens"):
-        check_token_counts(empty_completion, "train", args)
+    assert rows_without_completion_tokens(empty_prompt, args).tolist() == [1]
+    assert why_no_completion_token(0, 1, 1, None, "keep_start").startswith(
+        "its tokenized prompt is empty (prompt 0 tokens, chosen 1, rejected 1)"
+    )
+    empty_completion = Dataset.from_dict(
+        {"prompt_ids": [[1, 2], [3]], "chosen_ids": [[3], [4]], "rejected_ids": [[], [5]]}
+    )
+    assert rows_without_completion_tokens(empty_completion, args).tolist() == [0]
+    assert len(drop_rows_without_completion_tokens(empty_completion, "train", args)) == 1
+    with pytest.raises(ValueError, match=r"^Every row of the train dataset \(1\) keeps no completion token"):
+        drop_rows_without_completion_tokens(empty_completion.select([0]), "train", args)
+    assert "a completion keeps no token after truncation (prompt 2 tokens, chosen 1, rejected 0" in (
+        why_no_completion_token(2, 1, 0, None, "keep_start")
+    )
 
 
 def collated_completion_positions(collator, prompt_len: int, completion_lens: tuple[int, int]) -> list[dict]:
@@ -458,8 +472,8 @@ def test_shared_config_values(config_class, kwargs, message, tmp_path):
 @pytest.mark.parametrize(
     "config_class, kwargs, message",
     [
-        (TDPOConfig, dict(alpha=math.nan), r"`alpha` must be non-negative and finite, got nan"),
-        (TDPOConfig, dict(alpha=math.inf), r"`alpha` must be non-negative and finite"),
+        (TDPOConfig, dict(alpha=math.nan), r"`alpha` must be a finite number >= 0, got nan"),
+        (TDPOConfig, dict(alpha=math.inf), r"`alpha` must be a finite number >= 0"),
         (TGDPOConfig, dict(alpha=math.nan), r"`alpha` must be a finite number >= 0"),
         (TBPOConfig, dict(baseline_weight_decay=math.inf), r"`baseline_weight_decay` must be >= 0 and finite"),
     ],

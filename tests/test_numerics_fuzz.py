@@ -20,9 +20,16 @@ import pytest
 import torch
 
 import trl_tokenpref.token_stats as token_stats
-from trl_tokenpref.losses import center_log_weights, compact_completion_tokens, sequence_sum, tbpo_loss, tdpo_loss
+from trl_tokenpref.losses import (
+    _MAX_SAFE_EXPONENT,
+    _exponent_coefficient,
+    center_log_weights,
+    compact_completion_tokens,
+    sequence_sum,
+    tbpo_loss,
+    tdpo_loss,
+)
 from trl_tokenpref.losses import tgdpo_loss as tgdpo_loss_fn
-from trl_tokenpref.tbpo.tbpo_config import _MAX_SAFE_EXPONENT, _exponent_coefficient
 from trl_tokenpref.token_stats import LMHead, compute_token_stats, naive_token_stats
 
 

@@ -247,7 +247,9 @@ def test_resolve_resume_from_checkpoint(tmp_path):
     assert resolve("some/checkpoint-7") == "some/checkpoint-7"
     with pytest.raises(ValueError, match="holds no `checkpoint-\\*` folder"):
         resolve("last")
-    for step in (5, 12):
+    for step in (5, 12):  # complete checkpoints: a trainer state and weights (an interrupted save lacks them)
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
     assert resolve("last") == str(tmp_path / "checkpoint-12")
     assert resolve(True) == str(tmp_path / "checkpoint-12")  # `resume_from_checkpoint: true` in a YAML recipe

@@ -2,7 +2,7 @@
 computation (TBPO-A and TBPO-Q, which also pins the alignment by completion index and of hidden states with labels),
 the invariants that need a model, the TBPO-Q head (gradients, optimizer, save/resume), training runs (full and LoRA,
 both variants) and configuration errors. The pure-loss invariants are in test_losses.py. Invariant numbers refer to
-ALGORITHMS.md §6."""
+docs/algorithms.md §6."""
 
 import copy
 import functools
@@ -547,13 +547,13 @@ class TestTraining:
 
 
 class TestConfig:
-    def test_precompute_refused_for_token_level_variants(self, tmp_path):
+    def test_precompute_is_refused_for_tbpo_q_only(self, tmp_path):
         common = dict(output_dir=str(tmp_path), use_cpu=True, precompute_ref_log_probs=True)
-        with pytest.raises(ValueError, match="TBPO cannot use `precompute_ref_log_probs=True`.*whole next-token"):
-            TBPOConfig(variant="tbpo_a", **common)
+        # TBPO-A stores the reference cache (tests/test_reference_cache.py), BPO DPOTrainer's sums
+        assert TBPOConfig(variant="tbpo_a", **common)._needs_reference_distribution
         with pytest.raises(ValueError, match="TBPO-Q cannot use `precompute_ref_log_probs=True`.*token_level=False"):
             TBPOConfig(variant="tbpo_q", **common)
-        assert TBPOConfig(token_level=False, **common).precompute_ref_log_probs
+        assert not TBPOConfig(token_level=False, **common)._needs_reference_distribution
 
     def test_defaults_follow_the_paper(self, tmp_path):
         args = TBPOConfig(output_dir=str(tmp_path), use_cpu=True)

@@ -1,7 +1,7 @@
 """TGDPOTrainer: equivalence with TRL's DPOTrainer where the maths says so, the loss of a real batch against a naive
 full-logits computation, on-the-fly vs precomputed token rewards (and reference log-probs), the per-token collator,
 validation of precomputed columns, training runs (full, LoRA, from the precompute script's output), metrics and
-configuration errors. Invariant numbers refer to ALGORITHMS.md §6; the hand-computed 2-token case (13) and the pure
+configuration errors. Invariant numbers refer to docs/algorithms.md §6; the hand-computed 2-token case (13) and the pure
 monotonicity check (14) are in `tests/test_losses.py`."""
 
 import functools
@@ -204,7 +204,7 @@ class TestLoss:
     def test_negative_weight_metric_and_clamp(
         self, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, train_subset, dpo_metric_keys, tmp_path
     ):
-        """`token_rewards/negative_weights` counts weights 1 ± α r̂ < 0 (sign flips, ALGORITHMS.md §2.5 a);
+        """`token_rewards/negative_weights` counts weights 1 ± α r̂ < 0 (sign flips, docs/algorithms.md §2.5 a);
         `min_token_weight=0` removes them and changes the loss."""
         results = {}
         for name, config in {"free": {}, "clamped": {"min_token_weight": 0.0, "max_token_weight": 3.0}}.items():

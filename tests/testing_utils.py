@@ -14,18 +14,26 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 import trl_tokenpref.base
+import trl_tokenpref.checks
 from trl_tokenpref import TBPOConfig, TBPOTrainer, TDPOConfig, TDPOTrainer, TGDPOConfig, TGDPOTrainer
 
-# Package internals used by the tests (dataset checks and the truncation rule they share with TGDPO's collator)
-from trl_tokenpref.base import TokenLevelDPOTrainer, _scored_completion_counts, _scored_completion_range
+# Package internals used by the tests (dataset checks and the truncation rule they share with the collators)
+from trl_tokenpref.checks import (  # noqa: F401 (re-exported for the test modules)
+    drop_rows_without_completion_tokens,
+    rows_without_completion_tokens,
+    scored_completion_counts,
+    scored_completion_range,
+    why_no_completion_token,
+)
 
 
-scored_completion_range = _scored_completion_range
-scored_completion_counts = _scored_completion_counts
-check_token_counts = TokenLevelDPOTrainer._check_token_counts
 # The modules whose own checks raise the errors that `test_input_validation.py` expects
 CHECK_MODULES = frozenset(
-    {Path(trl_tokenpref.base.__file__).resolve(), Path(inspect.getsourcefile(scored_completion_range)).resolve()}
+    {
+        Path(trl_tokenpref.base.__file__).resolve(),
+        Path(trl_tokenpref.checks.__file__).resolve(),
+        Path(inspect.getsourcefile(scored_completion_range)).resolve(),
+    }
 )
 
 METHODS = {"tdpo": (TDPOTrainer, TDPOConfig), "tgdpo": (TGDPOTrainer, TGDPOConfig), "tbpo": (TBPOTrainer, TBPOConfig)}
