@@ -43,9 +43,11 @@ from .token_stats import ReferenceCache, TokenStatsOutput, add_token_stats_head,
 logger = get_logger(__name__)
 
 
-# The reference cache's k when `ref_top_k` is not set: chosen from the error measured against the exact KL
-# (docs/benchmarks.md, "Reference cache")
-DEFAULT_REF_TOP_K = 32
+# The reference cache's k when `ref_top_k` is not set, chosen from the error measured against the exact KL
+# (docs/benchmarks.md, "Reference cache"): the smallest k of {1, 4, 16, 64, 256} whose 90th-percentile relative error
+# of the sequential KL is below 1% and whose TDPO2 gradient has cosine > 0.999 with the exact one, on a DPO-trained
+# policy against its SFT reference (64: 0.15% and 1 - 9e-8; 32 gives 9.3%)
+DEFAULT_REF_TOP_K = 64
 
 
 def check_finite_number(name: str, value, *, minimum: float, hint: str) -> None:
