@@ -41,6 +41,12 @@ CASES = {
     "tbpo_a": (TBPOTrainer, TBPOConfig, {"variant": "tbpo_a"}),
     "tbpo_q": (TBPOTrainer, TBPOConfig, {"variant": "tbpo_q", "baseline_hidden_size": 16}),
     "tgdpo": (TGDPOTrainer, TGDPOConfig, {"alpha": 0.5}),
+    # The reference cache: the reference ran once at init; the step runs the (sharded) policy only
+    "tdpo2_cached": (
+        TDPOTrainer,
+        TDPOConfig,
+        {"variant": "tdpo2", "alpha": 0.5, "precompute_ref_log_probs": True, "ref_top_k": 8},
+    ),
 }
 
 
@@ -50,7 +56,7 @@ def build_trainer(case: str, paths: argparse.Namespace):
         output_dir=str(Path(paths.output_dir) / case),
         report_to="none",
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         use_cpu=True,
         disable_tqdm=True,
         seed=0,

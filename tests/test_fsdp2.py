@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "_fsdp2_worker.py"
-CASES = ["tdpo2", "tbpo_a", "tbpo_q", "tgdpo"]
+CASES = ["tdpo2", "tbpo_a", "tbpo_q", "tgdpo", "tdpo2_cached"]
 SPLIT_RTOL = 1e-5  # float32 rounding of the fused pass's sums, see the module docstring
 CONTROL_MIN_GAP = 0.1  # a gradient without the reduction across ranks is this far off at least (measured: 0.68)
 
@@ -108,6 +108,8 @@ def test_fsdp2_same_batch_is_exactly_unsharded(fsdp2_results, case, rank):
     assert result["frozen_params_with_grad"] == []
     if case == "tbpo_q":
         assert any(name.startswith("baseline_head.") for name in result["grad_gaps_same_batch"])
+    if case == "tdpo2_cached":
+        assert "kl/cache_tail_mass" in result["metrics"]  # the reference cache, not a live reference pass
 
 
 @pytest.mark.distributed
