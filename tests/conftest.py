@@ -102,3 +102,41 @@ def make_trainer(tiny_model_path, tiny_tokenizer, train_subset):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict[str, str]:
+    """The tiny assets the recipes point at, built by their own commands (`python -m trl_tokenpref.tiny` / `.data`)
+    into a temporary folder: a model, a guidance model of another seed, the embedded dataset."""
+    from trl_tokenpref import data, tiny
+
+    root = tmp_path_factory.mktemp("assets")
+    tiny.main([str(root / "tiny-model")])
+    tiny.main([str(root / "tiny-guidance"), "--seed", "1"])
+    data.main([str(root / "tiny-data")])
+    return {
+        "model": str(root / "tiny-model"),
+        "guidance": str(root / "tiny-guidance"),
+        "data": str(root / "tiny-data"),
+    }
+
+
+@pytest.fixture(scope="session")
+def token_rewards_script():
+    """`scripts/compute_token_rewards.py`, imported as a module (it is a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compute_token_rewards.py"
+    spec = importlib.util.spec_from_file_location("compute_token_rewards", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_path):
+    """The tiny model in evaluation mode, one per test module."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()

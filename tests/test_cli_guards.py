@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from testing_utils import asset_args
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,28 +50,6 @@ def parse(method: str, *args: str, recipe: Path | None = None):
 def run_script(method: str, *args: str, recipe: Path | None = None) -> None:
     """`python scripts/run_<method>.py --config recipes/<method>/tiny.yaml ARGS`, in this process."""
     load_script(method).main(*parse(method, *args, recipe=recipe))
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, str]:
-    from trl_tokenpref import data, tiny
-
-    root = tmp_path_factory.mktemp("assets")
-    tiny.main([str(root / "tiny-model")])
-    tiny.main([str(root / "tiny-guidance"), "--seed", "1"])
-    data.main([str(root / "tiny-data")])
-    return {
-        "model": str(root / "tiny-model"),
-        "guidance": str(root / "tiny-guidance"),
-        "data": str(root / "tiny-data"),
-    }
-
-
-def asset_args(method: str, assets: dict[str, str]) -> list[str]:
-    args = ["--model_name_or_path", assets["model"], "--dataset_name", assets["data"]]
-    if method == "tgdpo":
-        args += ["--guidance_model_name_or_path", assets["guidance"]]
-    return args
 
 
 def trainer_state(checkpoint: Path) -> dict:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from testing_utils import fast_args, logged_steps, perturb
+from testing_utils import fast_args, logged_steps, perturb, text_length_reward
 from transformers import AutoModelForCausalLM
 
 from trl_tokenpref import TDPOTrainer
@@ -26,15 +26,6 @@ from trl_tokenpref.token_stats import lm_head_of, naive_token_stats
 
 
 PROMPTS = ["What is 2 plus 3?", "The ball is red. Is the ball red?", "Where is the cup?"]
-
-
-def text_length_reward(texts):
-    return [len(text) / 100 for text in texts]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_path):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ evaluation reaches the console like every later one."""
 
 import pytest
 import torch
+from testing_utils import text_length_reward
 from transformers import AutoModelForCausalLM
 
 from trl_tokenpref import TDPOConfig, TDPOTrainer
@@ -18,15 +19,6 @@ from trl_tokenpref.tiny import build_tiny_model
 
 
 PROMPTS = ["What is 2 plus 3?", "Where is the cup?"]
-
-
-def text_length_reward(texts):
-    return [len(text) / 100 for text in texts]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_path):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
 
 
 @pytest.fixture(scope="module")

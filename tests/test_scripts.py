@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import METHODS
+from testing_utils import METHODS, asset_args
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -58,33 +58,6 @@ def run_script(method: str, *args: str) -> subprocess.CompletedProcess:
 
 def trainer_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "trainer_state.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, str]:
-    """The tiny recipes' assets, through the CLIs their headers name (`python -m trl_tokenpref.tiny OUT`,
-    `python -m trl_tokenpref.data OUT`), called in-process to save two interpreter start-ups: the tiny model, the
-    default dataset as train.jsonl / test.jsonl and, for TGDPO, a guidance model with other weights and the same
-    tokenizer (the plumbing is what is tested here; the TGDPO trainer tests check the loss)."""
-    from trl_tokenpref import data, tiny
-
-    root = tmp_path_factory.mktemp("assets")
-    tiny.main([str(root / "tiny-model")])
-    tiny.main([str(root / "tiny-guidance"), "--seed", "1"])
-    data.main([str(root / "tiny-data")])
-    return {
-        "model": str(root / "tiny-model"),
-        "guidance": str(root / "tiny-guidance"),
-        "data": str(root / "tiny-data"),
-    }
-
-
-def asset_args(method: str, assets: dict[str, str]) -> list[str]:
-    """Point a `tiny` recipe at the test's assets instead of `outputs/`."""
-    args = ["--model_name_or_path", assets["model"], "--dataset_name", assets["data"]]
-    if method == "tgdpo":
-        args += ["--guidance_model_name_or_path", assets["guidance"]]
-    return args
 
 
 # ------------------------------------------------------------------------------------------------- end to end runs

@@ -2,7 +2,6 @@
 model equal to the reference, a guidance path that does not exist, a LoRA adapter folder as the guidance model, the
 precompute script writing over its input, and recipe values (`alpha: null`, a cleared guidance path)."""
 
-import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 import torch
 from datasets import load_from_disk
 from peft import LoraConfig, get_peft_model
-from testing_utils import fast_args, perturbed_copy
+from testing_utils import fast_args
 from transformers import AutoModelForCausalLM
 
 from trl_tokenpref import TDPOConfig, TGDPOConfig, TGDPOTrainer
@@ -21,26 +20,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location(
-        "compute_token_rewards", REPO_ROOT / "scripts" / "compute_token_rewards.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def guidance_path(tiny_model_path, tmp_path_factory):
-    return perturbed_copy(tiny_model_path, tmp_path_factory.mktemp("guidance") / "model", seed=3, scale=0.05)
-
-
-@pytest.fixture(scope="module")
-def data_with_rewards(script, default_dataset, tiny_model_path, guidance_path, tmp_path_factory):
+def data_with_rewards(token_rewards_script, default_dataset, tiny_model_path, guidance_path, tmp_path_factory):
     """Token rewards at β = 0.1 written by the script with `save_to_disk`, with its info file beside them."""
     root = tmp_path_factory.mktemp("rewards")
     default_dataset["train"].select(range(8)).save_to_disk(str(root / "input"))
-    script.main(
+    token_rewards_script.main(
         ["--guidance_model", guidance_path, "--ref_model", tiny_model_path, "--dataset_path", str(root / "input"),
          "--output_dir", str(root / "output"), "--beta", "0.1", "--max_length", "0"]
     )  # fmt: skip
@@ -70,13 +54,13 @@ class TestTokenRewardsBeta:
 
 
 def test_the_training_script_reads_beta_beside_json_lines(
-    script, default_dataset, tiny_model_path, guidance_path, tmp_path
+    token_rewards_script, default_dataset, tiny_model_path, guidance_path, tmp_path
 ):
     """JSON Lines loaded with `load_dataset` lose their folder; `scripts/run_tgdpo.py` checks the path it was given."""
     from trl_tokenpref.tgdpo.token_rewards import check_token_rewards_beta
 
     default_dataset["train"].select(range(4)).to_json(str(tmp_path / "train.jsonl"))
-    script.main(
+    token_rewards_script.main(
         ["--guidance_model", guidance_path, "--ref_model", tiny_model_path, "--dataset_path", str(tmp_path / "train.jsonl"),
          "--output_dir", str(tmp_path / "out"), "--beta", "0.2", "--output_format", "jsonl"]
     )  # fmt: skip
@@ -109,7 +93,9 @@ def test_missing_guidance_path_is_refused_before_anything_loads(
     tiny_model_path, tiny_tokenizer, default_dataset, tmp_path
 ):
     start = time.perf_counter()
-    with pytest.raises(FileNotFoundError, match="The guidance model cannot be loaded: .*no-such-model: no such file or directory"):
+    with pytest.raises(
+        FileNotFoundError, match="The guidance model cannot be loaded: .*no-such-model: no such file or directory"
+    ):
         TGDPOTrainer(
             model=tiny_model_path,
             guidance_model=str(tmp_path / "no-such-model"),
@@ -140,21 +126,21 @@ def test_lora_adapter_folder_as_guidance_model(tiny_model_path, tiny_tokenizer, 
         torch.testing.assert_close(loaded[name], param, rtol=0, atol=1e-6)  # merging rounds in float32
 
 
-def test_script_refuses_to_write_over_its_input(script, default_dataset, tiny_model_path, tmp_path):
+def test_script_refuses_to_write_over_its_input(token_rewards_script, default_dataset, tiny_model_path, tmp_path):
     default_dataset["train"].select(range(4)).save_to_disk(str(tmp_path / "data"))
     start = time.perf_counter()
     for output_dir in (tmp_path / "data", tmp_path):
         with pytest.raises(ValueError, match="would overwrite the data it is computed from"):
-            script.main(
+            token_rewards_script.main(
                 ["--guidance_model", tiny_model_path, "--ref_model", tiny_model_path,
                  "--dataset_path", str(tmp_path / "data"), "--output_dir", str(output_dir)]
             )  # fmt: skip
     assert time.perf_counter() - start < 5  # before any model is loaded
 
 
-def test_script_help_shows_defaults(script, capsys):
+def test_script_help_shows_defaults(token_rewards_script, capsys):
     with pytest.raises(SystemExit):
-        script.parse_args(["--help"])
+        token_rewards_script.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
     for default in ("(default: 0.1)", "(default: 1024)", "(default: float32)", "(default: keep_start)"):
         assert default in help_text

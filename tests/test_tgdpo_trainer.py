@@ -5,7 +5,6 @@ configuration errors. Invariant numbers refer to docs/algorithms.md §6; the han
 monotonicity check (14) are in `tests/test_losses.py`."""
 
 import functools
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -52,17 +51,7 @@ def policy_path(tiny_model_path, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def script_module():
-    spec = importlib.util.spec_from_file_location(
-        "compute_token_rewards", REPO_ROOT / "scripts" / "compute_token_rewards.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def precomputed(script_module, default_dataset, tiny_model_path, guidance_path, tmp_path_factory):
+def precomputed(token_rewards_script, default_dataset, tiny_model_path, guidance_path, tmp_path_factory):
     """The precompute script run in-process on local JSON Lines files (32 train and 8 test pairs), written as JSON
     Lines and loaded back: the whole file round trip a user goes through. The script loads float64 copies of the
     models (`--dtype auto`), as the equivalence tests below run the trainers in float64."""
@@ -74,7 +63,7 @@ def precomputed(script_module, default_dataset, tiny_model_path, guidance_path, 
         "--guidance_model": saved_in_float64(guidance_path, tmp_path_factory.mktemp("guidance64")),
         "--ref_model": saved_in_float64(tiny_model_path, tmp_path_factory.mktemp("ref64")),
     }
-    paths = script_module.main(
+    paths = token_rewards_script.main(
         [*(item for option in models.items() for item in option), "--tokenizer", tiny_model_path, "--dtype", "auto"]
         + ["--dataset_path", str(data_dir), "--output_dir", str(output_dir), "--output_format", "jsonl"]
         # 32 and 8 rows: the last batch is partial (gathering must not drop its rejected half)
@@ -317,13 +306,13 @@ class TestPrecomputed:
         # The columns survive `remove_unused_columns=True` and reach the batch
         assert "rejected_token_rewards" in next(iter(trainer.get_train_dataloader()))
 
-    def test_truncated_values_and_max_length(self, script_module, train_subset, tiny_model_path, tmp_path):
+    def test_truncated_values_and_max_length(self, token_rewards_script, train_subset, tiny_model_path, tmp_path):
         """Values computed with `max_length=20` have nulls for the truncated tokens: training at `max_length=20`
         accepts them, training at the default `max_length` refuses them, naming a row."""
         data_dir = tmp_path / "data"
         data_dir.mkdir()
         train_subset.select(range(8)).to_json(str(data_dir / "train.jsonl"))
-        paths = script_module.main(
+        paths = token_rewards_script.main(
             ["--guidance_model", tiny_model_path, "--ref_model", tiny_model_path, "--dataset_path", str(data_dir)]
             + ["--output_dir", str(tmp_path / "out"), "--max_length", "20"]
         )

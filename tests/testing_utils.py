@@ -238,3 +238,16 @@ def saved_in_float64(source: str, target: Path) -> str:
     if (Path(source) / "tokenizer_config.json").is_file():
         AutoTokenizer.from_pretrained(source).save_pretrained(target)
     return str(target)
+
+
+def asset_args(method: str, assets: dict[str, str]) -> list[str]:
+    """Point a `tiny` recipe at the test's assets (the `assets` fixture) instead of `outputs/`."""
+    args = ["--model_name_or_path", assets["model"], "--dataset_name", assets["data"]]
+    if method == "tgdpo":
+        args += ["--guidance_model_name_or_path", assets["guidance"]]
+    return args
+
+
+def text_length_reward(texts):
+    """A deterministic stand-in for a reward model: the length of each text, in hundreds of characters."""
+    return [len(text) / 100 for text in texts]
