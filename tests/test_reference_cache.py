@@ -264,11 +264,11 @@ def test_cache_is_reused_and_invalidated(tiny_model_path, tiny_tokenizer, pairs,
 
     monkeypatch.setattr(TDPOTrainer, "_reference_top_k", counting)
 
-    def run(k, model=tiny_model_path):
+    def run(k, model=tiny_model_path, max_length=1024):
         computed.clear()
         trainer = trainer_of(
             TDPOTrainer, TDPOConfig, model, tiny_tokenizer, on_disk, tmp_path / f"run{k}",
-            precompute_ref_log_probs=True, ref_top_k=k,
+            precompute_ref_log_probs=True, ref_top_k=k, max_length=max_length,
         )  # fmt: skip
         return trainer, bool(computed)
 
@@ -277,6 +277,7 @@ def test_cache_is_reused_and_invalidated(tiny_model_path, tiny_tokenizer, pairs,
     assert computed_first and not computed_second  # the same dataset, model and k: read from the cache file
     assert first.train_dataset["ref_chosen_topk_ids"] == second.train_dataset["ref_chosen_topk_ids"]
     assert run(5)[1]  # another k
+    assert run(4, max_length=24)[1]  # another truncation
     other_model = type(first.model).from_pretrained(tiny_model_path)
     perturb(other_model, seed=5, scale=0.05)
     other_model.save_pretrained(tmp_path / "other")
