@@ -50,10 +50,12 @@ class TBPOConfig(TokenLevelDPOConfig):
         log_ratio_floor (`float` or `None`, *optional*, defaults to `None`):
             A lower bound `f < 0` on `log R_t`: it is clamped to `[f, log_ratio_clamp]` instead, so a token whose ratio
             is already below `e^f` stops pushing (zero gradient), as BPO clips R from below. The paper's default
-            generator SBA(λ = 0) never saturates (`∂ℓ/∂log R = (1 + R)/s ≥ 1/s`), so at small β (≤ 0.1) nothing but
-            the ±30 clamp stops the per-token contrast, and TBPO-Q, whose state term does not anchor the policy to
-            `π_ref`, drifts far from it. Set it (e.g. `math.log(0.05)` ≈ −3) when training at small β or for many
-            steps. `None` (default) keeps the official loss exactly.
+            generator SBA(λ = 0) never saturates (`∂ℓ/∂log R = (1 + R)/s ≥ 1/s`), and a per-token `log R_t` is about
+            1/T of DPO's sequence margin, so at small β (≤ 0.1) every token keeps pushing and TBPO (TBPO-Q above all,
+            whose state term does not anchor the policy to `π_ref`) drifts far from the reference. Set it when
+            training at small β or for many steps; the floor must sit where `log R_t` actually goes (`log_R/mean`,
+            and `log_R/frac_at_floor` once set): −0.1 at β ∈ {0.05, 0.1} in the package's measurements, whereas
+            BPO's `log(0.01)` never binds there. `None` (default) keeps the official loss exactly.
         token_level (`bool`, *optional*, defaults to `True`):
             Whether to match the ratio per token. `False` gives sequence-level BPO
             ([BPO](https://huggingface.co/papers/2505.19601)): one macro-token per response,
@@ -124,7 +126,8 @@ class TBPOConfig(TokenLevelDPOConfig):
         default=None,
         metadata={
             "help": "Lower bound f < 0 on log R_t (clamped to [f, log_ratio_clamp], zero gradient below), as BPO "
-            "clips R from below: stops the drift of TBPO (TBPO-Q above all) at small beta. None: the official loss."
+            "clips R from below: stops the drift of TBPO (TBPO-Q above all) at small beta (e.g. -0.1 at beta <= 0.1). "
+            "None: the official loss."
         },
     )
     token_level: bool = field(
