@@ -583,7 +583,7 @@ def write_report(
     claims = assess_claims(results)
     if preamble:
         out += preamble
-        out.append(f"# Seed {config['seed']} in detail")
+        out.append(f"## Seed {config['seed']} in detail")
         out.append(
             "Everything below is the first seed alone (its figures, every run's final evaluation, and the single-seed "
             "verdicts, whose noise rule is one evaluation's standard error); the other seeds' numbers are in "
@@ -608,7 +608,7 @@ def write_report(
     if not preamble:
         _command_section(results, out)
     _setup_section(results, out, figures, num_samples, beta_curves)
-    _results_sections(results, out, figures, num_samples, beta_curves, claims, replicates, sft)
+    _results_sections(results, out, figures, num_samples, beta_curves, claims, replicates, sft, preamble)
     doc_path.write_text("\n\n".join(out) + "\n")
     return doc_path
 
@@ -675,9 +675,24 @@ def _setup_section(results: dict, out: list[str], figures: dict, num_samples: in
                 f"- **Preference training**: every method from the SFT model with TRL's trainer machinery "
                 f"(`trl.DPOTrainer` for DPO, this package's trainers for the rest), {config['max_steps']} steps of "
                 f"{config['batch_size']} pairs, AdamW at a constant lr {config['learning_rate']}, fp32, same data order "
-                f"for all; β ∈ {{{', '.join(str(b) for b in config['betas'])}}}. TDPO2 at α ∈ {{0.5, 1, 2}}; TGDPO "
-                f"(α = {config['tgdpo_alpha']}) guided by the DPO model trained at β = {config['guidance_beta']}; "
-                "TBPO with its defaults (SBA generator, λ = 0, s = 4; TBPO-Q's baseline head of width 1024 at lr 1e-3).",
+                f"for all; β ∈ {{{', '.join(str(b) for b in config['betas'])}}}. Methods: "
+                f"{', '.join(method_label(m) for m in config['methods'])}"
+                + (
+                    f"; TGDPO (α = {config['tgdpo_alpha']}) guided by the DPO model trained at β = "
+                    f"{config['guidance_beta']}"
+                    if "tgdpo" in config["methods"]
+                    else ""
+                )
+                + "; TBPO with its defaults (SBA generator, λ = 0, s = 4; TBPO-Q's baseline head of width 1024 at lr "
+                "1e-3)"
+                + (
+                    f", and with the stabiliser `log_ratio_floor = {config.get('tbpo_floor')}` (the `+ log R floor` "
+                    f"runs) at β ∈ {{{', '.join(str(b) for b in config.get('stabiliser_betas', []))}}}, where the "
+                    "plain TBPO runs too"
+                    if any(m.endswith("_floor") for m in config["methods"])
+                    else ""
+                )
+                + ".",
                 f"- **Evaluation** (`trl_tokenpref.evaluation.GenerationEvalCallback`, every {config['eval_every']} "
                 f"steps): {num_samples} completions ({config['eval_samples_per_prompt']} per held-out prompt, "
                 "temperature 1, fixed seed) scored by the reward; the sequential KL(πθ‖π_ref) on them, as the "
@@ -699,6 +714,7 @@ def _results_sections(
     claims: list[dict],
     replicates: list[dict] | None,
     sft: dict,
+    preamble: list[str] | None = None,
 ) -> None:
     config, manifest, timings, env = results["config"], results["manifest"], results["timings"], results["environment"]
     out.append("## Results")
@@ -717,8 +733,8 @@ def _results_sections(
             "Each method's frontier is the upper concave hull of all its evaluations (every β and every evaluation step, "
             "plus the SFT point at KL 0) in the (MC sequential KL, mean reward) plane, up to its highest reward: any "
             "point of a chord is achievable by mixing two policies, and KL is convex. The table reads the frontier at "
-            "fixed KL budgets (nats); † marks a budget beyond the largest KL the method reached in 200 steps, where "
-            "the value is only its best reward, not a measurement at that KL."
+            "fixed KL budgets (nats); † marks a budget beyond the largest KL the method reached in "
+            f"{config['max_steps']} steps, where the value is only its best reward, not a measurement at that KL."
         )
         out.append(_table(header, rows))
     out.append(f"### Sequential KL on chosen and rejected responses during training (Fig. 3b–d), β = {beta_curves}")
@@ -805,7 +821,11 @@ def _results_sections(
     )
     out.append(
         "Caveats that apply to every verdict: "
-        + ("one seed (see the replicate below for the TDPO claims)" if replicates else "one seed")
+        + (
+            "one seed (see the replicate below for the TDPO claims)"
+            if replicates
+            else ("this is one seed of several (the verdicts over seeds are at the top)" if preamble else "one seed")
+        )
         + "; a tiny model trained for a few hundred steps rather than to "
         "convergence; a synthetic language whose reward a lexicon fully determines (the policy can raise it by "
         "choosing a handful of words, which is easier than pleasing a classifier); the frontier's KL is a Monte-Carlo "
@@ -1323,6 +1343,22 @@ def write_multiseed_report(results: dict, doc_path: str | Path) -> Path:
         "`--reuse` re-runs only the preference stage on the saved SFT models and pairs; `--report-only` rewrites this "
         "report from `results.json`."
     )
+    reused = [r for r in all_results if r["manifest"].get("timings", {}).get("sft_s") is not None]
+    if reused and any(
+        r["timings"].get("reused_sft_and_data") or r["manifest"]["timings"].get("reused_sft_and_data")
+        for r in all_results
+    ):
+        out.append(
+            "The SFT models and pairs were reused (`--reuse`) from an earlier invocation with the same settings; their "
+            "wall times then (s, SFT / pairs): "
+            + ", ".join(
+                f"seed {r['config']['seed']} {r['manifest']['timings']['sft_s']:.0f} / "
+                f"{r['manifest']['timings'].get('preference_pairs_s', math.nan):.0f}"
+                for r in reused
+            )
+            + " (2 seeds at a time where they were prepared together). Add them to the wall time above for a run from "
+            "scratch."
+        )
     out.append("## Verdict rules (fixed before the runs)")
     out.append(VERDICT_RULES.strip())
 
@@ -1357,9 +1393,15 @@ def write_multiseed_report(results: dict, doc_path: str | Path) -> Path:
         out.append("### TBPO at small β, with and without a stabiliser")
         out.append(
             f"TBPO-A and TBPO-Q at β ∈ {{{', '.join(str(b) for b in config['stabiliser_betas'])}}}, last step "
-            f"({config['max_steps']}), mean [95% interval] over seeds: the paper's loss, the loss with a floor on log R "
-            "(`log_ratio_floor`, the package's stabiliser, docs/tbpo_trainer.md) and the generator SBA(λ < 0) (which "
-            "saturates as DPO's loss does). `peak reward` is the mean over seeds of each run's best evaluation."
+            f"({config['max_steps']}), mean [95% interval] over seeds: the paper's loss; the loss with a floor on log R "
+            "(`log_ratio_floor`, the package's stabiliser, docs/tbpo_trainer.md)"
+            + (
+                "; the generator SBA(λ < 0) (which saturates as R → 0)"
+                if any(m.endswith("_lam") for m in config["methods"])
+                else ""
+            )
+            + ". `peak reward` is the mean over seeds of each run's best evaluation; `EOS rate` the share of samples "
+            "that end (the drift shows as completions that no longer do)."
         )
         out.append(
             _table(

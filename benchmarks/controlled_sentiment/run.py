@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 import traceback
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     doc_path = Path(args.doc) if args.doc else (output_dir / "reproduction.md" if config.quick else DEFAULT_DOC)
-    command = "python -m benchmarks.controlled_sentiment.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.controlled_sentiment.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.report_only:
         results = json.loads((output_dir / "results.json").read_text())
         if args.doc is None and results["config"]["quick"]:
