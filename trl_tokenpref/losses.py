@@ -471,12 +471,14 @@ def tbpo_loss(
     sba_scale: float = 4.0,
     log_ratio_clamp: float = 30.0,
     label_smoothing: float = 0.0,
+    log_ratio_floor: float | None = None,
 ) -> TBPOLossOutput:
     """Compute the TBPO (token-level Bregman preference optimisation) loss over completion-index-aligned tokens.
 
     Per aligned position t ≤ T = min(n_w, n_l) (TBPO §4.5, Thm 4.4; docs/algorithms.md §3.3–3.5):
 
-    * ``log R_t = β[(ρ^l_t − ρ^w_t) + log w_t]``, clamped to ``[−c, c]`` before ℓ_h (zero gradient outside);
+    * ``log R_t = β[(ρ^l_t − ρ^w_t) + log w_t]``, clamped to ``[−c, c]`` before ℓ_h (zero gradient outside), or to
+      ``[f, c]`` with a floor ``f = log_ratio_floor`` (BPO's lower bound on R, docs/algorithms.md §4.3, §10);
     * ``ℓ_t = (1 − ε) ℓ_h(log R_t) + ε ℓ_h(−log R_t)`` (ε = label smoothing, 0 by default);
     * per pair, ``L = Σ_t m_t ℓ_t / max(Σ_t m_t, 1)``.
 
@@ -491,11 +493,15 @@ def tbpo_loss(
         generator, generator_lambda, sba_scale: the Bregman generator h (see ``bregman_loss``); default SBA(0, 4).
         log_ratio_clamp: c > 0 (official 30). With ``ba``/``sba`` keep (λ+1)·c < 88 for finite float32 values.
         label_smoothing: ε in [0, 0.5].
+        log_ratio_floor: optional f < 0: log R_t is clamped to ``[max(f, −c), c]`` instead of ``[−c, c]``, so a token
+            whose ratio is already below e^f gets no gradient (its loss is constant). ``None`` (default): no floor,
+            the official code's loss exactly. With label smoothing the flipped term sees the same clamped value.
 
     Returns:
         ``TBPOLossOutput(losses [B], log_ratio [B, K], per_token_losses [B, K], metrics)``; masked positions hold
         exactly 0 and get exactly 0 gradient even when the inputs there are NaN / inf. A pair without aligned tokens
-        has loss 0. ``metrics``: ``log_R/mean`` and ``log_R/frac_below_zero`` over the aligned tokens.
+        has loss 0. ``metrics``: ``log_R/mean`` and ``log_R/frac_below_zero`` over the aligned tokens, and with a floor
+        ``log_R/frac_at_floor`` (the share of tokens the floor stops).
     """
     beta = _positive("beta", beta)
     clamp = _positive("log_ratio_clamp", log_ratio_clamp)
@@ -503,6 +509,12 @@ def tbpo_loss(
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"`label_smoothing` must be in [0, 0.5], got {label_smoothing}.")
     validate_generator(generator, generator_lambda, sba_scale)
+    if log_ratio_floor is not None and not (math.isfinite(log_ratio_floor) and log_ratio_floor < 0):
+        raise ValueError(
+            f"`log_ratio_floor` must be a finite number < 0 (a lower bound on log R; log(0.01) ≈ -4.6 is BPO's R ≥ "
+            f"0.01) or None for no floor, got {log_ratio_floor}."
+        )
+    lower = -clamp if log_ratio_floor is None else max(float(log_ratio_floor), -clamp)
     names = ("chosen_logratios", "rejected_logratios", "pair_mask")
     tensors = (chosen_logratios, rejected_logratios, pair_mask)
     if log_weights is not None:
@@ -516,7 +528,7 @@ def tbpo_loss(
     log_ratio = rejected_rho - chosen_rho  # log of the π-ratio part of R_t (Props 4.1/4.2)
     if log_weights is not None:
         log_ratio = log_ratio + torch.where(mask, log_weights.to(dtype), 0.0)  # state weight w_t
-    log_ratio = torch.clamp(beta * log_ratio, -clamp, clamp)  # invariant 27: clamp before ℓ_h
+    log_ratio = torch.clamp(beta * log_ratio, lower, clamp)  # invariant 27: clamp before ℓ_h
 
     per_token = bregman_loss(log_ratio, generator, generator_lambda, sba_scale)  # ℓ_h(R_t) (Thm 4.4)
     if label_smoothing > 0.0:
@@ -530,6 +542,8 @@ def tbpo_loss(
         "log_R/mean": Metric(log_ratio, mask),
         "log_R/frac_below_zero": Metric((log_ratio < 0).float(), mask),
     }
+    if log_ratio_floor is not None:
+        metrics["log_R/frac_at_floor"] = Metric((log_ratio <= lower).float(), mask)
     return TBPOLossOutput(losses, log_ratio, per_token, metrics)
 
 

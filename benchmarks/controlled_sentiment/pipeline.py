@@ -39,6 +39,8 @@ class ExperimentConfig:
     """Every setting of the experiment. The defaults are the full run; [`quick_config`] shrinks them for smoke tests."""
 
     seed: int = 0
+    # The whole pipeline (SFT, pairs, preference runs) is repeated for each seed; `seed` is the one a stage runs with
+    seeds: tuple[int, ...] = (0, 1, 2)
     # Tokenizer and model
     vocab_size: int = 512
     hidden_size: int = 128
@@ -57,7 +59,18 @@ class ExperimentConfig:
     num_held_out_prompts: int = 64
     num_eval_pairs: int = 64
     # Preference optimisation
-    methods: tuple[str, ...] = ("dpo", "tdpo1", "tdpo2_a0.5", "tdpo2_a1", "tdpo2_a2", "tgdpo", "tbpo_a", "tbpo_q")
+    methods: tuple[str, ...] = (
+        "dpo",
+        "tdpo1",
+        "tdpo2_a0.5",
+        "tdpo2_a1",
+        "tdpo2_a2",
+        "tgdpo",
+        "tbpo_a",
+        "tbpo_q",
+        "tbpo_a_floor",
+        "tbpo_q_floor",
+    )
     betas: tuple[float, ...] = (0.05, 0.1, 0.5)
     max_steps: int = 200
     batch_size: int = 16
@@ -69,6 +82,11 @@ class ExperimentConfig:
     tgdpo_alpha: float = 0.5
     # β whose runs are drawn in the chosen/rejected sequential-KL figure (the paper's DPO β)
     curves_beta: float = 0.1
+    # The TBPO stabilisers (docs/tbpo_trainer.md): `*_floor` methods set `log_ratio_floor=tbpo_floor`, `*_lam` methods
+    # the generator SBA(λ = tbpo_stable_lambda); they run at the β in `stabiliser_betas` only (where TBPO drifts)
+    tbpo_floor: float = -0.1
+    tbpo_stable_lambda: float = -0.5
+    stabiliser_betas: tuple[float, ...] = (0.05, 0.1)
     # Parallelism: preference runs in `workers` processes of `threads_per_worker` torch threads each
     workers: int = 2
     threads_per_worker: int = 1
@@ -99,7 +117,9 @@ def quick_config(**overrides) -> ExperimentConfig:
         max_new_tokens=16,
         num_held_out_prompts=8,
         num_eval_pairs=4,
+        seeds=(0,),
         betas=(0.1,),
+        stabiliser_betas=(0.1,),
         max_steps=2,
         batch_size=4,
         eval_every=1,
@@ -123,7 +143,30 @@ METHOD_LABELS = {
     "tgdpo": "TGDPO (α=0.5, DPO guide)",
     "tbpo_a": "TBPO-A",
     "tbpo_q": "TBPO-Q",
+    "tbpo_a_floor": "TBPO-A + log R floor",
+    "tbpo_q_floor": "TBPO-Q + log R floor",
 }
+# Also runnable by name (`--methods`), not in the default run: the λ < 0 generator, which the stabiliser measurements
+# rejected (docs/tbpo_trainer.md)
+EXTRA_METHOD_LABELS = {"tbpo_a_lam": "TBPO-A, SBA(λ<0)", "tbpo_q_lam": "TBPO-Q, SBA(λ<0)"}
+# Methods that only run at `ExperimentConfig.stabiliser_betas`
+STABILISED_METHODS = ("tbpo_a_floor", "tbpo_q_floor", "tbpo_a_lam", "tbpo_q_lam")
+
+
+def method_betas(method: str, config: "ExperimentConfig") -> tuple[float, ...]:
+    """The β grid of `method`: the stabilised TBPO variants run at `stabiliser_betas` (where the plain ones drift), a
+    plain TBPO variant whose stabilised version runs also there (so that the two are compared at the same β), the rest
+    at `betas`."""
+    if method in STABILISED_METHODS:
+        return tuple(config.stabiliser_betas)
+    if any(f"{method}_{kind}" in config.methods for kind in ("floor", "lam")):
+        return tuple(sorted(set(config.betas) | set(config.stabiliser_betas)))
+    return tuple(config.betas)
+
+
+def method_label(method: str) -> str:
+    """The display name of `method` (its id if it has none)."""
+    return METHOD_LABELS.get(method) or EXTRA_METHOD_LABELS.get(method, method)
 
 
 def method_available(method: str) -> tuple[bool, str]:
@@ -135,8 +178,9 @@ def method_available(method: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _trainer_and_config(method: str):
-    """The trainer class, config class and method-specific config arguments of `method`."""
+def _trainer_and_config(method: str, config: "ExperimentConfig | None" = None):
+    """The trainer class, config class and method-specific config arguments of `method` (the stabilised TBPO
+    variants read their setting from `config`, the defaults if None)."""
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -157,7 +201,15 @@ def _trainer_and_config(method: str):
         from trl_tokenpref.tbpo import TBPOConfig, TBPOTrainer
 
         return TBPOTrainer, TBPOConfig, {"variant": method}
-    raise ValueError(f"Unknown method {method!r}; expected one of {list(METHOD_LABELS)}.")
+    if method in STABILISED_METHODS:
+        from trl_tokenpref.tbpo import TBPOConfig, TBPOTrainer
+
+        config = config or ExperimentConfig()
+        variant, stabiliser = method.rsplit("_", 1)
+        if stabiliser == "floor":
+            return TBPOTrainer, TBPOConfig, {"variant": variant, "log_ratio_floor": config.tbpo_floor}
+        return TBPOTrainer, TBPOConfig, {"variant": variant, "generator_lambda": config.tbpo_stable_lambda}
+    raise ValueError(f"Unknown method {method!r}; expected one of {list(METHOD_LABELS) + list(EXTRA_METHOD_LABELS)}.")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -388,12 +440,10 @@ def train_method(spec: RunSpec) -> dict:
     from transformers.trainer_callback import PrinterCallback
 
     datasets.disable_progress_bars()
-    config = ExperimentConfig(
-        **{**spec.config, "methods": tuple(spec.config["methods"]), "betas": tuple(spec.config["betas"])}
-    )
+    config = config_from_dict(spec.config)
     torch.set_num_threads(config.threads_per_worker)
     start, cpu_start = time.perf_counter(), time.process_time()
-    trainer_class, config_class, method_kwargs = _trainer_and_config(spec.method)
+    trainer_class, config_class, method_kwargs = _trainer_and_config(spec.method, config)
     data = datasets.load_from_disk(spec.data_dir)
     tokenizer = AutoTokenizer.from_pretrained(spec.sft_path)
     train_pairs = data["train"].select_columns(["prompt", "chosen", "rejected"])
@@ -461,6 +511,12 @@ def train_method(spec: RunSpec) -> dict:
         # CPU time of this process: unlike the wall time, not inflated by other processes sharing the cores
         "cpu_time_s": time.process_time() - cpu_start,
     }
+
+
+def config_from_dict(values: dict) -> ExperimentConfig:
+    """An `ExperimentConfig` from its `asdict` form (JSON turns the tuples into lists)."""
+    tuples = {key: tuple(values[key]) for key in ("methods", "betas", "stabiliser_betas", "seeds") if key in values}
+    return ExperimentConfig(**{**values, **tuples})
 
 
 def evaluate_sft(sft_path: str, data_dir: str, config: ExperimentConfig) -> dict:

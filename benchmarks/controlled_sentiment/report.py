@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from . import language
-from .pipeline import METHOD_LABELS
+from .pipeline import METHOD_LABELS, method_label
 
 
 COLORS = {
@@ -27,6 +27,10 @@ COLORS = {
     "tgdpo": "#9467bd",
     "tbpo_a": "#d62728",
     "tbpo_q": "#e377c2",
+    "tbpo_a_floor": "#ff9896",
+    "tbpo_q_floor": "#f7b6d2",
+    "tbpo_a_lam": "#8c564b",
+    "tbpo_q_lam": "#c49c94",
 }
 
 
@@ -150,7 +154,7 @@ def plot_frontier(results: dict, path: Path) -> None:
                 for i in range(1, 21):
                     xs.append(x1 + (x2 - x1) * i / 20)
                     ys.append(y1 + (y2 - y1) * i / 20)
-            ax.plot(xs, ys, color=color, lw=1.8, label=METHOD_LABELS.get(method, method))
+            ax.plot(xs, ys, color=color, lw=1.8, label=method_label(method))
         ax.axhline(results["sft_eval"]["reward"], color="grey", lw=0.8, ls=":", label="SFT (π_ref)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("mean reward on held-out prompts")
@@ -201,7 +205,7 @@ def plot_seqkl(results: dict, path: Path, beta: float) -> None:
             ls="--",
             label="rejected (reverse)",
         )
-        ax.set_title(METHOD_LABELS.get(method, method), fontsize=9)
+        ax.set_title(method_label(method), fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("training step")
@@ -242,7 +246,7 @@ def plot_seqkl_margin(results: dict, path: Path, beta: float) -> None:
                 [value(e) for e in evals],
                 color=COLORS.get(method),
                 lw=1.6,
-                label=METHOD_LABELS.get(method, method),
+                label=method_label(method),
             )
         ax.set_title(title)
         ax.set_xlabel("training step")
@@ -500,9 +504,7 @@ def observe(results: dict) -> list[str]:
         if final["eos_rate"] < 0.8:
             reasons.append(f"only {final['eos_rate']:.0%} of samples end with EOS")
         if reasons:
-            unstable.append(
-                f"{METHOD_LABELS.get(run['method'], run['method'])} β = {run['beta']} ({', '.join(reasons)})"
-            )
+            unstable.append(f"{method_label(run['method'])} β = {run['beta']} ({', '.join(reasons)})")
     if unstable:
         lines.append(
             "Runs that drift far from π_ref or degrade by the last step (KL > 20 nats, reward 0.05 below its peak, or "
@@ -514,7 +516,7 @@ def observe(results: dict) -> list[str]:
             _run(results, method, b)["evals"][-1] for b in results["config"]["betas"] if _run(results, method, b)
         ]
         mean_length = sum(e["length"] for e in finals) / len(finals)
-        longer.append(f"{METHOD_LABELS.get(method, method)} {mean_length:.1f}")
+        longer.append(f"{method_label(method)} {mean_length:.1f}")
     lines.append(
         f"Mean completion length at the last step, averaged over β (SFT: {sft['length']:.1f} tokens; the reward "
         f"grows with the number of positive words, so longer is one way to raise it): " + ", ".join(longer) + "."
@@ -534,18 +536,20 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict, doc_path: str | Path, replicates: list[dict] | None = None) -> Path:
+def write_report(
+    results: dict, doc_path: str | Path, replicates: list[dict] | None = None, preamble: list[str] | None = None
+) -> Path:
     """Writes the Markdown report and its figures; returns the report's path.
 
     `replicates` are the results of the same pipeline with other seeds (usually on a subset of methods): their claim
-    verdicts get a section of their own, so that a verdict that flips with the seed is visible.
+    verdicts get a section of their own, so that a verdict that flips with the seed is visible. `preamble` (the
+    several-seed sections of [`write_multiseed_report`]) replaces this run's own summary table and command section,
+    and what follows is then the detail of this one seed.
     """
     doc_path = Path(doc_path)
     doc_path.parent.mkdir(parents=True, exist_ok=True)
     config = results["config"]
     manifest = results["manifest"]
-    timings = results["timings"]
-    env = results["environment"]
     beta_curves = config["curves_beta"]
     stem = doc_path.stem
     figures = {
@@ -577,7 +581,15 @@ def write_report(results: dict, doc_path: str | Path, replicates: list[dict] | N
         "whether the *qualitative* behaviour the paper reports appears under the same protocol."
     )
     claims = assess_claims(results)
-    if claims:
+    if preamble:
+        out += preamble
+        out.append(f"## Seed {config['seed']} in detail")
+        out.append(
+            "Everything below is the first seed alone (its figures, every run's final evaluation, and the single-seed "
+            "verdicts, whose noise rule is one evaluation's standard error); the other seeds' numbers are in "
+            "`seed<N>/results.json` of the output directory."
+        )
+    elif claims:
         seeds = [results, *(replicates or [])]
         verdicts = [
             {c["claim"]: c["verdict"] for c in assess_claims(r) if c["verdict"] != "not tested"} for r in seeds
@@ -593,6 +605,16 @@ def write_report(results: dict, doc_path: str | Path, replicates: list[dict] | N
             + "):"
         )
         out.append(_table(header, rows))
+    if not preamble:
+        _command_section(results, out)
+    _setup_section(results, out, figures, num_samples, beta_curves)
+    _results_sections(results, out, figures, num_samples, beta_curves, claims, replicates, sft, preamble)
+    doc_path.write_text("\n\n".join(out) + "\n")
+    return doc_path
+
+
+def _command_section(results: dict, out: list[str]) -> None:
+    config, timings, env = results["config"], results["timings"], results["environment"]
     out.append("## Command")
     out.append(f"```bash\n{results['command']}\n```")
     quick = (
@@ -618,6 +640,9 @@ def write_report(results: dict, doc_path: str | Path, replicates: list[dict] | N
             "`--main-threads 1` keeps the SFT stage from slowing down with oversubscribed threads."
         )
 
+
+def _setup_section(results: dict, out: list[str], figures: dict, num_samples: int, beta_curves: float) -> None:
+    config, manifest = results["config"], results["manifest"]
     out.append("## Setup")
     pair_stats = manifest["pair_stats"]
     out.append(
@@ -650,9 +675,24 @@ def write_report(results: dict, doc_path: str | Path, replicates: list[dict] | N
                 f"- **Preference training**: every method from the SFT model with TRL's trainer machinery "
                 f"(`trl.DPOTrainer` for DPO, this package's trainers for the rest), {config['max_steps']} steps of "
                 f"{config['batch_size']} pairs, AdamW at a constant lr {config['learning_rate']}, fp32, same data order "
-                f"for all; β ∈ {{{', '.join(str(b) for b in config['betas'])}}}. TDPO2 at α ∈ {{0.5, 1, 2}}; TGDPO "
-                f"(α = {config['tgdpo_alpha']}) guided by the DPO model trained at β = {config['guidance_beta']}; "
-                "TBPO with its defaults (SBA generator, λ = 0, s = 4; TBPO-Q's baseline head of width 1024 at lr 1e-3).",
+                f"for all; β ∈ {{{', '.join(str(b) for b in config['betas'])}}}. Methods: "
+                f"{', '.join(method_label(m) for m in config['methods'])}"
+                + (
+                    f"; TGDPO (α = {config['tgdpo_alpha']}) guided by the DPO model trained at β = "
+                    f"{config['guidance_beta']}"
+                    if "tgdpo" in config["methods"]
+                    else ""
+                )
+                + "; TBPO with its defaults (SBA generator, λ = 0, s = 4; TBPO-Q's baseline head of width 1024 at lr "
+                "1e-3)"
+                + (
+                    f", and with the stabiliser `log_ratio_floor = {config.get('tbpo_floor')}` (the `+ log R floor` "
+                    f"runs) at β ∈ {{{', '.join(str(b) for b in config.get('stabiliser_betas', []))}}}, where the "
+                    "plain TBPO runs too"
+                    if any(m.endswith("_floor") for m in config["methods"])
+                    else ""
+                )
+                + ".",
                 f"- **Evaluation** (`trl_tokenpref.evaluation.GenerationEvalCallback`, every {config['eval_every']} "
                 f"steps): {num_samples} completions ({config['eval_samples_per_prompt']} per held-out prompt, "
                 "temperature 1, fixed seed) scored by the reward; the sequential KL(πθ‖π_ref) on them, as the "
@@ -664,6 +704,19 @@ def write_report(results: dict, doc_path: str | Path, replicates: list[dict] | N
         )
     )
 
+
+def _results_sections(
+    results: dict,
+    out: list[str],
+    figures: dict,
+    num_samples: int,
+    beta_curves: float,
+    claims: list[dict],
+    replicates: list[dict] | None,
+    sft: dict,
+    preamble: list[str] | None = None,
+) -> None:
+    config, manifest, timings, env = results["config"], results["manifest"], results["timings"], results["environment"]
     out.append("## Results")
     out.append("### Reward–KL frontier (Fig. 3a)")
     out.append(f"![frontier]({figures['frontier'].name})")
@@ -671,7 +724,7 @@ def write_report(results: dict, doc_path: str | Path, replicates: list[dict] | N
     if summary:
         header = ["method", *(f"KL = {b:g}" for b in FRONTIER_BUDGETS), "largest KL reached", "best reward (at KL)"]
         rows = [
-            [METHOD_LABELS.get(m, m)]
+            [method_label(m)]
             + [f"{v:.3f}" + ("†" if capped else "") for v, capped in zip(s["at_budgets"], s["capped"])]
             + [f"{s['max_kl']:.2f}", f"{s['best_reward']:.3f} ({s['kl_of_best']:.2f})"]
             for m, s in summary.items()
@@ -680,8 +733,8 @@ def write_report(results: dict, doc_path: str | Path, replicates: list[dict] | N
             "Each method's frontier is the upper concave hull of all its evaluations (every β and every evaluation step, "
             "plus the SFT point at KL 0) in the (MC sequential KL, mean reward) plane, up to its highest reward: any "
             "point of a chord is achievable by mixing two policies, and KL is convex. The table reads the frontier at "
-            "fixed KL budgets (nats); † marks a budget beyond the largest KL the method reached in 200 steps, where "
-            "the value is only its best reward, not a measurement at that KL."
+            "fixed KL budgets (nats); † marks a budget beyond the largest KL the method reached in "
+            f"{config['max_steps']} steps, where the value is only its best reward, not a measurement at that KL."
         )
         out.append(_table(header, rows))
     out.append(f"### Sequential KL on chosen and rejected responses during training (Fig. 3b–d), β = {beta_curves}")
@@ -726,14 +779,14 @@ def write_report(results: dict, doc_path: str | Path, replicates: list[dict] | N
         ]
     ]
     for method in _methods(results):
-        for beta in config["betas"]:
+        for beta in sorted({run["beta"] for run in _ok_runs(results) if run["method"] == method}):
             run = _run(results, method, beta)
             if run is None:
                 continue
             e = run["evals"][-1]
             rows.append(
                 [
-                    METHOD_LABELS.get(method, method),
+                    method_label(method),
                     f"{beta}",
                     f"{e['reward']:.3f} ± {e['reward_std'] / math.sqrt(num_samples):.3f}",
                     _fmt(e["seq_kl"], 2),
@@ -768,7 +821,11 @@ def write_report(results: dict, doc_path: str | Path, replicates: list[dict] | N
     )
     out.append(
         "Caveats that apply to every verdict: "
-        + ("one seed (see the replicate below for the TDPO claims)" if replicates else "one seed")
+        + (
+            "one seed (see the replicate below for the TDPO claims)"
+            if replicates
+            else ("this is one seed of several (the verdicts over seeds are at the top)" if preamble else "one seed")
+        )
         + "; a tiny model trained for a few hundred steps rather than to "
         "convergence; a synthetic language whose reward a lexicon fully determines (the policy can raise it by "
         "choosing a handful of words, which is easier than pleasing a classifier); the frontier's KL is a Monte-Carlo "
@@ -854,8 +911,6 @@ def write_report(results: dict, doc_path: str | Path, replicates: list[dict] | N
             f"{example['chosen_reward']:.3f}), rejected `{example['rejected'].strip()}` (reward "
             f"{example['rejected_reward']:.3f})."
         )
-    doc_path.write_text("\n\n".join(out) + "\n")
-    return doc_path
 
 
 def _output_dir(results: dict) -> str:
@@ -866,3 +921,513 @@ def _output_dir(results: dict) -> str:
 
 def _load(load) -> str:
     return "–" if not load else " / ".join(f"{value:.1f}" for value in load) + " (1 / 5 / 15 min)"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Several seeds: effect sizes with confidence intervals, and verdicts by rules fixed before the runs
+# ------------------------------------------------------------------------------------------------------------------
+
+# Two-sided 95% Student t quantiles t_{0.975, n-1} for n seeds
+_T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+# A frontier comparison needs both methods to have explored at least this much KL (nats) in every seed
+MIN_OVERLAP_KL = 1.0
+# "At least as well as": the non-inferiority margin of a frontier comparison (reward)
+NON_INFERIORITY_MARGIN = 0.02
+
+VERDICT_RULES = f"""\
+These rules were fixed in the code (`report.py`) before the runs whose numbers follow, and the verdicts are computed
+from the numbers by them:
+
+- **Unit of replication**: the seed of the *whole* pipeline (SFT model, preference pairs, data order, evaluation
+  samples). Each claim is reduced to one number per seed (its *effect*, defined below); the report gives the mean over
+  seeds and its **95% confidence interval** `mean ± t(0.975, n−1) · sd / √n` (Student t over the n seeds).
+- **Verdict**: **supported** when the whole interval lies on the side of the claim (above 0, or above the stated
+  threshold), **contradicted** when the whole interval lies on the other side, **inconclusive** otherwise. With fewer
+  than 2 seeds there is no interval and every verdict is inconclusive.
+- **Frontier claims** ("A's reward–KL frontier lies above B's"): the effect is the mean, over 50 equally spaced KL
+  budgets in (0, K], of frontier_A(KL) − frontier_B(KL) (the concave-hull frontier of every evaluation, defined under
+  Results). K is the same for every seed: the smallest, over seeds and over both methods, of the largest sequential KL
+  a method reached, so that both methods were measured across the whole range in every seed. If K < {MIN_OVERLAP_KL:g} nat
+  the claim is **not decidable** at this scale. The claim is thus only tested over (0, K], which the table states.
+- **"At least as well as"** (TGDPO vs DPO): the same effect; supported when the interval lies above
+  −{NON_INFERIORITY_MARGIN:g} (non-inferiority margin), contradicted when it lies below it.
+- **DPO's rejected-side KL grows much faster**: effect = the ratio of the least-squares slopes (rejected / chosen) of
+  the held-out-pair sequential KL over training, averaged over β. Supported when the interval lies above 1.5 ("much
+  faster"), partly supported when above 1 only, contradicted when below 1.
+- **TDPO2 keeps chosen and rejected balanced**: effect = relative |margin| |KL_r − KL_c| / (KL_r + KL_c) of DPO minus
+  that of TDPO2 (α = 0.5), at the last step, averaged over β (relative, because TDPO2 moves less overall).
+- **TDPO1 raises the chosen side more than TDPO2**: effect = chosen/rejected KL ratio of TDPO1 minus TDPO2's, last
+  step, averaged over β.
+- **Larger α is harder to optimise**: effect = final reward of TDPO2 α = 0.5 minus α = 2, averaged over β.
+- **TBPO keeps more diversity than DPO**: effects = per-token entropy and distinct-1 of TBPO minus DPO's, last step,
+  averaged over β; supported when both intervals lie above 0, contradicted when either lies below 0.
+- **The stabiliser** (this package's claim, not a paper's): at the stabiliser β, effect = final sequential KL of the
+  plain run minus the stabilised one (supported when above 0: the drift is smaller), *and* the stabilised run's final
+  reward may not be worse by more than the non-inferiority margin (interval of its reward difference above
+  −{NON_INFERIORITY_MARGIN:g}); contradicted when the KL interval lies below 0 or the reward interval below −{NON_INFERIORITY_MARGIN:g}.
+"""
+
+
+def _interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% Student-t interval over seeds; the interval is (nan, nan) with fewer than 2 values."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    half = _T_975.get(len(values), 1.96) * sd / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def _side(low: float, high: float, threshold: float) -> str:
+    if math.isnan(low):
+        return "inconclusive (fewer than 2 seeds)"
+    if low > threshold:
+        return "supported"
+    if high < threshold:
+        return "contradicted"
+    return "inconclusive"
+
+
+def _frontier_difference(results: dict, first: str, second: str, reach: float) -> float:
+    grid = [reach * (i + 1) / 50 for i in range(50)]
+    fa, fb = _frontier(_points(results, first, "seq_kl")), _frontier(_points(results, second, "seq_kl"))
+    return sum(_frontier_at(fa, x) - _frontier_at(fb, x) for x in grid) / len(grid)
+
+
+def _final(results: dict, method: str, beta: float) -> dict | None:
+    run = _run(results, method, beta)
+    return run["evals"][-1] if run else None
+
+
+def _mean_over_betas(results: dict, betas, effect) -> float | None:
+    values = [effect(b) for b in betas]
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt_interval(mean: float, low: float, high: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "–"
+    if math.isnan(low):
+        return f"{mean:+.{digits}f}"
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def assess_claims_over_seeds(all_results: list[dict]) -> list[dict]:
+    """Every claim with its per-seed effects, mean and 95% interval over seeds, and the verdict by `VERDICT_RULES`."""
+    claims = []
+    betas = all_results[0]["config"]["betas"]
+
+    def done(method: str) -> bool:
+        return all(method in _methods(r) for r in all_results)
+
+    def add(name, effects, threshold, verdict=None, scope="", unit="reward", digits=3, extra=""):
+        mean, low, high = _interval(effects)
+        claims.append(
+            {
+                "claim": name,
+                "verdict": verdict or _side(low, high, threshold),
+                "effect": (mean, low, high),
+                "per_seed": effects,
+                "scope": scope,
+                "unit": unit,
+                "digits": digits,
+                "extra": extra,
+            }
+        )
+
+    def frontier_claim(name, better, worse, threshold=0.0):
+        if not (done(better) and done(worse)):
+            claims.append({"claim": name, "verdict": "not run", "effect": (math.nan,) * 3, "per_seed": []})
+            return
+        reach = min(min(_max_kl(r, better), _max_kl(r, worse)) for r in all_results)
+        effects = [_frontier_difference(r, better, worse, reach) for r in all_results]
+        verdict = None
+        if reach < MIN_OVERLAP_KL:
+            verdict = f"not decidable (overlap {reach:.2f} < {MIN_OVERLAP_KL:g} nat)"
+        reaches = ", ".join(f"{_max_kl(r, better):.1f} vs {_max_kl(r, worse):.1f}" for r in all_results)
+        add(
+            name,
+            effects,
+            threshold,
+            verdict,
+            scope=f"KL ∈ (0, {reach:.2f}] nats (largest KL per seed: {reaches})",
+            unit="mean frontier reward difference",
+        )
+
+    frontier_claim("TDPO2 (α=0.5)'s reward–KL frontier lies above DPO's", "tdpo2_a0.5", "dpo")
+    frontier_claim("TDPO1's frontier lies above DPO's", "tdpo1", "dpo")
+    frontier_claim("TDPO2 (α=0.5)'s frontier lies above TDPO1's", "tdpo2_a0.5", "tdpo1")
+
+    if done("dpo"):
+
+        def slope_ratio(r, b):
+            run = _run(r, "dpo", b)
+            if run is None:
+                return None
+            evals = _evals(r, run)
+            slope_c, slope_r = _slope(evals, "kl_chosen"), _slope(evals, "kl_rejected")
+            return slope_r / slope_c if slope_c > 0 else None
+
+        effects = [_mean_over_betas(r, betas, lambda b, r=r: slope_ratio(r, b)) for r in all_results]
+        mean, low, high = _interval(effects)
+        if math.isnan(low):
+            verdict = "inconclusive (fewer than 2 seeds)"
+        elif low > 1.5:
+            verdict = "supported"
+        elif low > 1.0:
+            verdict = "partly supported (faster, not 1.5× faster)"
+        elif high < 1.0:
+            verdict = "contradicted"
+        else:
+            verdict = "inconclusive"
+        add(
+            "DPO's sequential KL grows much faster on rejected than on chosen responses",
+            effects,
+            1.0,
+            verdict,
+            scope="all β; threshold 1.5",
+            unit="slope ratio rejected/chosen",
+            digits=2,
+        )
+
+    def relative_margin(e):
+        return abs(e["kl_rejected"] - e["kl_chosen"]) / max(1e-9, e["kl_rejected"] + e["kl_chosen"])
+
+    if done("dpo") and done("tdpo2_a0.5"):
+
+        def balance(r, b):
+            d, t = _final(r, "dpo", b), _final(r, "tdpo2_a0.5", b)
+            return None if d is None or t is None else relative_margin(d) - relative_margin(t)
+
+        add(
+            "TDPO2 keeps the chosen and rejected sequential KL balanced (smaller relative |margin| than DPO)",
+            [_mean_over_betas(r, betas, lambda b, r=r: balance(r, b)) for r in all_results],
+            0.0,
+            scope="last step, all β",
+            unit="relative |margin| DPO − TDPO2",
+        )
+    if done("tdpo1") and done("tdpo2_a0.5"):
+
+        def chosen_share(r, b):
+            one, two = _final(r, "tdpo1", b), _final(r, "tdpo2_a0.5", b)
+            if one is None or two is None:
+                return None
+            return one["kl_chosen"] / max(1e-9, one["kl_rejected"]) - two["kl_chosen"] / max(1e-9, two["kl_rejected"])
+
+        add(
+            "TDPO1 raises the chosen-side sequential KL more than TDPO2 (paper §4.4, §5.1)",
+            [_mean_over_betas(r, betas, lambda b, r=r: chosen_share(r, b)) for r in all_results],
+            0.0,
+            scope="last step, all β",
+            unit="chosen/rejected KL ratio TDPO1 − TDPO2",
+        )
+    if done("tdpo2_a0.5") and done("tdpo2_a2"):
+
+        def alpha_gap(r, b):
+            low_alpha, high_alpha = _final(r, "tdpo2_a0.5", b), _final(r, "tdpo2_a2", b)
+            return None if low_alpha is None or high_alpha is None else low_alpha["reward"] - high_alpha["reward"]
+
+        add(
+            "A larger α in TDPO2 makes the reward harder to optimise",
+            [_mean_over_betas(r, betas, lambda b, r=r: alpha_gap(r, b)) for r in all_results],
+            0.0,
+            scope="last step, all β",
+            unit="final reward α=0.5 − α=2",
+        )
+    if done("tgdpo") and done("dpo"):
+        frontier_claim(
+            "TGDPO (guided by the DPO model) does at least as well as DPO (TGDPO paper)",
+            "tgdpo",
+            "dpo",
+            threshold=-NON_INFERIORITY_MARGIN,
+        )
+    for method in ("tbpo_a", "tbpo_q"):
+        if not (done(method) and done("dpo")):
+            continue
+
+        def diff(r, b, key, method=method):
+            e, d = _final(r, method, b), _final(r, "dpo", b)
+            return None if e is None or d is None else e[key] - d[key]
+
+        entropy = [_mean_over_betas(r, betas, lambda b, r=r: diff(r, b, "entropy")) for r in all_results]
+        distinct = [_mean_over_betas(r, betas, lambda b, r=r: diff(r, b, "distinct_1")) for r in all_results]
+        verdicts = [_side(*_interval(values)[1:], 0.0) for values in (entropy, distinct)]
+        if "contradicted" in verdicts:
+            verdict = "contradicted"
+        elif verdicts == ["supported", "supported"]:
+            verdict = "supported"
+        else:
+            verdict = verdicts[0] if verdicts[0].startswith("inconclusive (") else "inconclusive"
+        add(
+            f"{METHOD_LABELS[method]} keeps more output diversity than DPO (higher entropy and distinct-1; TBPO paper)",
+            entropy,
+            0.0,
+            verdict,
+            scope="last step, all β",
+            unit="entropy difference (nats/token)",
+            extra=f"distinct-1 difference {_fmt_interval(*_interval(distinct))}",
+        )
+    stabiliser_betas = all_results[0]["config"].get("stabiliser_betas") or []
+    for plain in ("tbpo_q", "tbpo_a"):
+        for kind, label in (("floor", "the log R floor"), ("lam", "SBA(λ<0)")):
+            stable = f"{plain}_{kind}"
+            if not (done(plain) and done(stable)):
+                continue
+
+            def gap(r, b, key, plain=plain, stable=stable):
+                p, s = _final(r, plain, b), _final(r, stable, b)
+                return None if p is None or s is None else (p[key] - s[key] if key == "seq_kl" else s[key] - p[key])
+
+            kl_effects = [
+                _mean_over_betas(r, stabiliser_betas, lambda b, r=r: gap(r, b, "seq_kl")) for r in all_results
+            ]
+            reward_effects = [
+                _mean_over_betas(r, stabiliser_betas, lambda b, r=r: gap(r, b, "reward")) for r in all_results
+            ]
+            kl_mean, kl_low, kl_high = _interval(kl_effects)
+            _, reward_low, reward_high = _interval(reward_effects)
+            if math.isnan(kl_low):
+                verdict = "inconclusive (fewer than 2 seeds)"
+            elif kl_high < 0 or reward_high < -NON_INFERIORITY_MARGIN:
+                verdict = "contradicted"
+            elif kl_low > 0 and reward_low > -NON_INFERIORITY_MARGIN:
+                verdict = "supported"
+            else:
+                verdict = "inconclusive"
+            add(
+                f"{label} curbs {METHOD_LABELS[plain]}'s drift at small β without losing reward (this package)",
+                kl_effects,
+                0.0,
+                verdict,
+                scope=f"last step, β ∈ {{{', '.join(str(b) for b in stabiliser_betas)}}}",
+                unit="final seq KL plain − stabilised (nats)",
+                digits=1,
+                extra=f"reward stabilised − plain {_fmt_interval(*_interval(reward_effects))}",
+            )
+    return claims
+
+
+def _stabiliser_rows(all_results: list[dict]) -> list[list[str]]:
+    """TBPO-A and TBPO-Q at the stabiliser β, plain and stabilised: final reward, KL, EOS rate over seeds."""
+    config = all_results[0]["config"]
+    rows = []
+    for variant in ("tbpo_a", "tbpo_q"):
+        for beta in config.get("stabiliser_betas") or []:
+            for method in (variant, f"{variant}_floor", f"{variant}_lam"):
+                finals = [_final(r, method, beta) for r in all_results]
+                finals = [e for e in finals if e is not None]
+                if not finals:
+                    continue
+                peaks = [
+                    max(_run(r, method, beta)["evals"], key=lambda e: e["reward"])["reward"]
+                    for r in all_results
+                    if _run(r, method, beta)
+                ]
+                setting = {
+                    variant: "none (paper default)",
+                    f"{variant}_floor": f"log_ratio_floor = {config['tbpo_floor']:g}",
+                    f"{variant}_lam": f"generator_lambda = {config['tbpo_stable_lambda']:g}",
+                }[method]
+
+                def stat(key, digits, finals=finals):
+                    mean, low, high = _interval([e[key] for e in finals])
+                    if math.isnan(low):
+                        return f"{mean:.{digits}f}"
+                    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+                rows.append(
+                    [
+                        METHOD_LABELS["tbpo_a" if variant == "tbpo_a" else "tbpo_q"],
+                        f"{beta}",
+                        setting,
+                        stat("reward", 3),
+                        f"{sum(peaks) / len(peaks):.3f}",
+                        stat("seq_kl", 1),
+                        stat("entropy", 3),
+                        f"{sum(e['eos_rate'] for e in finals) / len(finals):.0%}",
+                        f"{sum(e['length'] for e in finals) / len(finals):.1f}",
+                        f"{len(finals)}",
+                    ]
+                )
+    return rows
+
+
+def plot_stabiliser(all_results: list[dict], path: Path) -> None:
+    """Sequential KL and reward during training of TBPO-A/Q at the stabiliser β, plain and stabilised, mean over
+    seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config = all_results[0]["config"]
+    betas = config.get("stabiliser_betas") or []
+    fig, axes = plt.subplots(2, max(1, len(betas)), figsize=(5.5 * max(1, len(betas)), 7), squeeze=False)
+    styles = {"": "-", "_floor": "--", "_lam": ":"}
+    for column, beta in enumerate(betas):
+        for variant in ("tbpo_a", "tbpo_q"):
+            for suffix, style in styles.items():
+                method = variant + suffix
+                runs = [_run(r, method, beta) for r in all_results]
+                runs = [run for run in runs if run]
+                if not runs:
+                    continue
+                steps = [e["step"] for e in runs[0]["evals"]]
+                for row, key in enumerate(("seq_kl", "reward")):
+                    values = [sum(run["evals"][i][key] for run in runs) / len(runs) for i in range(len(steps))]
+                    axes[row][column].plot(steps, values, style, color=COLORS[variant], label=method_label(method))
+        axes[0][column].set_title(f"β = {beta}")
+        axes[0][column].set_ylabel("sequential KL (nats, MC)")
+        axes[0][column].set_yscale("symlog", linthresh=1.0)
+        axes[1][column].set_ylabel("mean reward")
+        axes[1][column].set_xlabel("step")
+        axes[0][column].legend(fontsize=7)
+    fig.suptitle(f"TBPO at small β, with and without a stabiliser (mean of {len(all_results)} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_multiseed_report(results: dict, doc_path: str | Path) -> Path:
+    """The report of a run over several seeds: the claims' verdicts with their effect sizes and 95% intervals over
+    seeds (rules in `VERDICT_RULES`), the frontiers over seeds, the stabiliser comparison, then the first seed in
+    detail (`write_report`)."""
+    doc_path = Path(doc_path)
+    doc_path.parent.mkdir(parents=True, exist_ok=True)
+    all_results = results["seeds"]
+    config, timings, env = results["config"], results["timings"], results["environment"]
+    seeds = [r["config"]["seed"] for r in all_results]
+    claims = assess_claims_over_seeds(all_results)
+    out = []
+    out.append(
+        f"**Summary of the verdicts over {len(seeds)} seeds** ({', '.join(map(str, seeds))}: each the whole pipeline, "
+        "new SFT model, pairs and evaluation samples). The effect is one number per seed, defined with the verdict "
+        'rules under "Verdict rules"; the table gives its mean over seeds, its 95% confidence interval (Student t '
+        "over seeds) and each seed's value."
+    )
+    rows = []
+    for c in claims:
+        digits = c.get("digits", 3)
+        effect = _fmt_interval(*c["effect"], digits=digits)
+        detail = "; ".join(x for x in (c.get("unit", ""), c.get("extra", "")) if x)
+        per_seed = ", ".join(f"{v:+.{digits}f}" for v in c["per_seed"] if v is not None)
+        rows.append([c["claim"], f"**{c['verdict']}**", effect, detail, c.get("scope", ""), per_seed])
+    out.append(
+        _table(["claim", "verdict", "effect: mean [95% CI]", "effect measured as", "tested over", "per seed"], rows)
+    )
+
+    out.append("## Command")
+    out.append(f"```bash\n{results['command']}\n```")
+    runs = [run for r in all_results for run in _ok_runs(r)]
+    run_cpu = [run["cpu_time_s"] for run in runs if run.get("cpu_time_s")]
+    load = env.get("load_average_at_start") or [math.nan]
+    load_end = env.get("load_average_at_end") or [math.nan]
+    cpu_total = timings.get("cpu_total_s")
+    scale = "" if not config.get("extra", {}).get("scale_note") else f" {config['extra']['scale_note']}"
+    out.append(
+        f"Total wall time **{timings.get('total_s', math.nan) / 60:.1f} min** on {env['cpu_count']} cores: "
+        f"{timings.get('data_stages_s', math.nan) / 60:.1f} min for the {len(seeds)} seeds' tokenizer, SFT, pairs and "
+        f"step-0 evaluation ({min(config['workers'], len(seeds))} seeds at a time, one process each with "
+        f"{config['threads_per_worker']} torch thread(s)), then "
+        f"{timings.get('preference_training_s', math.nan) / 60:.1f} min for the {len(runs)} preference runs of all "
+        f"seeds ({config['workers']} at a time, one process of {config['threads_per_worker']} thread(s) each; a seed's "
+        f"TGDPO runs start once its DPO guide is saved). CPU time of all processes "
+        f"{(cpu_total or math.nan) / 60:.1f} min, the preference runs {sum(run_cpu) / 60:.1f} of it "
+        f"({sum(run_cpu) / max(1, len(run_cpu)):.0f} s each on average, evaluations included). The cores were shared "
+        f"with other jobs (load average {load[0]:.1f} at the start, {load_end[0]:.1f} at the end), which stretches the "
+        f"wall time: on {config['workers']} free cores it is about CPU time / {config['workers']}.{scale} "
+        "`--reuse` re-runs only the preference stage on the saved SFT models and pairs; `--report-only` rewrites this "
+        "report from `results.json`."
+    )
+    reused = [r for r in all_results if r["manifest"].get("timings", {}).get("sft_s") is not None]
+    if reused and any(
+        r["timings"].get("reused_sft_and_data") or r["manifest"]["timings"].get("reused_sft_and_data")
+        for r in all_results
+    ):
+        out.append(
+            "The SFT models and pairs were reused (`--reuse`) from an earlier invocation with the same settings; their "
+            "wall times then (s, SFT / pairs): "
+            + ", ".join(
+                f"seed {r['config']['seed']} {r['manifest']['timings']['sft_s']:.0f} / "
+                f"{r['manifest']['timings'].get('preference_pairs_s', math.nan):.0f}"
+                for r in reused
+            )
+            + " (2 seeds at a time where they were prepared together). Add them to the wall time above for a run from "
+            "scratch."
+        )
+    out.append("## Verdict rules (fixed before the runs)")
+    out.append(VERDICT_RULES.strip())
+
+    out.append("## Results over seeds")
+    out.append("### Reward–KL frontier at fixed KL budgets")
+    budgets = [b for b in FRONTIER_BUDGETS]
+    rows = []
+    for method in [m for m in config["methods"] if all(m in _methods(r) for r in all_results)]:
+        if method.endswith(("_floor", "_lam")):
+            continue
+        reach = min(_max_kl(r, method) for r in all_results)
+        cells = []
+        for budget in budgets:
+            values = [_frontier_at(_frontier(_points(r, method, "seq_kl")), budget) for r in all_results]
+            mean, low, high = _interval(values)
+            text = f"{mean:.3f}" if math.isnan(low) else f"{mean:.3f} ± {(high - low) / 2:.3f}"
+            cells.append(text + ("†" if budget > reach else ""))
+        rows.append([method_label(method), *cells, f"{reach:.2f}"])
+    out.append(
+        "Mean over seeds of each seed's frontier (concave hull of all its evaluations, defined under Results below) at "
+        "fixed sequential-KL budgets, ± the half-width of the 95% interval over seeds; † marks a budget beyond the "
+        "largest KL the method reached in some seed (the value there is only its best reward). The last column is the "
+        "smallest, over seeds, of the largest KL reached: frontier claims are tested below the smaller of two "
+        "methods' values."
+    )
+    out.append(_table(["method", *(f"KL = {b:g}" for b in budgets), "reach (min over seeds)"], rows))
+
+    stabiliser_rows = _stabiliser_rows(all_results)
+    if stabiliser_rows:
+        figure = doc_path.with_name(f"{doc_path.stem}_stabiliser.png")
+        plot_stabiliser(all_results, figure)
+        out.append("### TBPO at small β, with and without a stabiliser")
+        out.append(
+            f"TBPO-A and TBPO-Q at β ∈ {{{', '.join(str(b) for b in config['stabiliser_betas'])}}}, last step "
+            f"({config['max_steps']}), mean [95% interval] over seeds: the paper's loss; the loss with a floor on log R "
+            "(`log_ratio_floor`, the package's stabiliser, docs/tbpo_trainer.md)"
+            + (
+                "; the generator SBA(λ < 0) (which saturates as R → 0)"
+                if any(m.endswith("_lam") for m in config["methods"])
+                else ""
+            )
+            + ". `peak reward` is the mean over seeds of each run's best evaluation; `EOS rate` the share of samples "
+            "that end (the drift shows as completions that no longer do)."
+        )
+        out.append(
+            _table(
+                [
+                    "variant",
+                    "β",
+                    "stabiliser",
+                    "final reward",
+                    "peak reward",
+                    "seq KL",
+                    "entropy",
+                    "EOS rate",
+                    "length",
+                    "seeds",
+                ],
+                stabiliser_rows,
+            )
+        )
+        out.append(f"![stabiliser]({figure.name})")
+    failed = [(r["config"]["seed"], run) for r in all_results for run in r["runs"] if "error" in run]
+    if failed:
+        out.append("**Runs that did not complete:**")
+        out.append(
+            "\n".join(
+                f"- seed {s}, {run['method']} (β = {run.get('beta', '–')}): `{run['error'][:300]}`"
+                for s, run in failed
+            )
+        )
+    return write_report(all_results[0], doc_path, preamble=out)

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 import traceback
@@ -47,10 +48,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Report path (default: docs/reproduction.md; with --quick, OUTPUT_DIR/reproduction.md).",
     )
     parser.add_argument("--quick", action="store_true", help="Tiny sizes and a handful of steps: a smoke test.")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="Run the whole pipeline for this one seed only.")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="Seeds of the whole pipeline (SFT, pairs, every run), each in OUTPUT_DIR/seed<N> (default: 0 1 2).",
+    )
     parser.add_argument("--methods", nargs="+", default=None, help="Subset of methods (default: all).")
     parser.add_argument("--betas", nargs="+", type=float, default=None)
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument(
+        "--stabiliser-betas", nargs="+", type=float, default=None, help="β of the stabilised TBPO runs."
+    )
+    parser.add_argument("--tbpo-floor", type=float, default=None, help="log_ratio_floor of the *_floor TBPO runs.")
+    parser.add_argument(
+        "--tbpo-stable-lambda", type=float, default=None, help="SBA generator λ of the *_lam TBPO runs."
+    )
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--sft-steps", type=int, default=None)
@@ -73,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Output directories of runs with other seeds, whose claim verdicts the report adds.",
     )
     parser.add_argument(
+        "--scale-note",
+        default=None,
+        help="A sentence the report prints next to the wall time (e.g. why this run is smaller than the default).",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="Rewrite the report from OUTPUT_DIR/results.json without running anything (the recorded command is kept).",
@@ -85,7 +105,10 @@ def _config_from_args(args: argparse.Namespace):
 
     config = quick_config() if args.quick else ExperimentConfig()
     overrides = {
-        "seed": args.seed,
+        "seeds": (args.seed,) if args.seed is not None else (tuple(args.seeds) if args.seeds else None),
+        "stabiliser_betas": tuple(args.stabiliser_betas) if args.stabiliser_betas else None,
+        "tbpo_floor": args.tbpo_floor,
+        "tbpo_stable_lambda": args.tbpo_stable_lambda,
         "methods": tuple(args.methods) if args.methods else None,
         "betas": tuple(args.betas) if args.betas else None,
         "max_steps": args.max_steps,
@@ -97,6 +120,9 @@ def _config_from_args(args: argparse.Namespace):
         "main_threads": args.main_threads,
     }
     config = replace(config, **{key: value for key, value in overrides.items() if value is not None})
+    config = replace(config, seed=config.seeds[0])
+    if args.scale_note:
+        config = replace(config, extra={**config.extra, "scale_note": args.scale_note})
     if config.guidance_beta not in config.betas:
         config = replace(config, guidance_beta=config.betas[len(config.betas) // 2])
     if config.curves_beta not in config.betas:
@@ -259,59 +285,124 @@ def prepare_data(config, output_dir: Path, reuse: bool, timings: dict) -> dict:
     return manifest
 
 
-def run_methods(config, manifest: dict, output_dir: Path) -> list[dict]:
-    """Stage 4: every (method, β) run, in `config.workers` processes; TGDPO runs once its DPO guide is trained."""
-    from .pipeline import RunSpec, method_available
+def _seed_config(config, seed: int):
+    return replace(config, seed=seed)
 
-    config_dict = asdict(config)
-    guidance_dir = output_dir / "runs" / f"dpo_beta{config.guidance_beta}"
-    specs, skipped = [], []
-    for method in config.methods:
-        available, reason = method_available(method)
-        if not available:
-            skipped.append({"method": method, "error": f"not importable: {reason}", "skipped": True})
-            print(f"      skipping {method}: {reason}")
-            continue
-        for beta in config.betas:
-            specs.append(
-                RunSpec(
-                    method=method,
-                    beta=beta,
-                    sft_path=manifest["sft_path"],
-                    data_dir=manifest["data_dir"],
-                    output_dir=str(output_dir / "runs" / f"{method}_beta{beta}"),
-                    config=config_dict,
-                    guidance_path=str(guidance_dir) if method == "tgdpo" else None,
-                    save_model=method == "dpo" and beta == config.guidance_beta,
+
+def _seed_dir(output_dir: Path, config) -> Path:
+    """One seed keeps the single-run layout (OUTPUT_DIR itself); several get OUTPUT_DIR/seed<N> each."""
+    return output_dir if len(config.seeds) == 1 else output_dir / f"seed{config.seed}"
+
+
+def prepare_seed(config, seed_dir: Path, reuse: bool) -> tuple[dict, dict, dict]:
+    """Stages 1-3 and the step-0 evaluation of one seed: `(manifest, sft_eval, timings)`. Runs in a worker when the
+    seeds are prepared in parallel."""
+    from .pipeline import evaluate_sft
+
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict = {}
+    manifest = prepare_data(config, seed_dir, reuse, timings)
+    start = time.perf_counter()
+    sft_eval = evaluate_sft(manifest["sft_path"], manifest["data_dir"], config)
+    timings["sft_eval_s"] = time.perf_counter() - start
+    print(
+        f"[4/5] seed {config.seed}: SFT model on held-out prompts: reward {sft_eval['reward']:.3f}, entropy "
+        f"{sft_eval['entropy']:.3f}"
+    )
+    return manifest, sft_eval, timings
+
+
+def _worker_prepare(config, seed_dir: Path, reuse: bool):
+    import torch
+
+    torch.set_num_threads(config.threads_per_worker)
+    return prepare_seed(config, seed_dir, reuse)
+
+
+def prepare_seeds(config, output_dir: Path, reuse: bool) -> dict[int, tuple[dict, dict, dict]]:
+    """Stages 1-3 for every seed; several seeds are prepared in `config.workers` processes at once (each SFT then uses
+    `threads_per_worker` threads instead of all of them)."""
+    seed_configs = [_seed_config(config, seed) for seed in config.seeds]
+    if len(seed_configs) == 1 or config.workers <= 1:
+        return {c.seed: prepare_seed(c, _seed_dir(output_dir, c), reuse) for c in seed_configs}
+    prepared = {}
+    with ProcessPoolExecutor(
+        min(config.workers, len(seed_configs)),
+        mp_context=get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(config.threads_per_worker,),
+    ) as pool:
+        futures = {pool.submit(_worker_prepare, c, _seed_dir(output_dir, c), reuse): c.seed for c in seed_configs}
+        for future in futures:
+            prepared[futures[future]] = future.result()
+    return prepared
+
+
+def run_methods(config, manifests: dict[int, dict], output_dir: Path) -> dict[int, list[dict]]:
+    """Stage 4: every (seed, method, β) run, in `config.workers` processes; a seed's TGDPO runs once its DPO guide is
+    trained. Returns the runs of each seed."""
+    from .pipeline import RunSpec, method_available, method_betas
+
+    specs, skipped = [], {seed: [] for seed in manifests}
+    for seed, manifest in manifests.items():
+        seed_config = _seed_config(config, seed)
+        seed_dir = _seed_dir(output_dir, seed_config)
+        config_dict = asdict(seed_config)
+        guidance_dir = seed_dir / "runs" / f"dpo_beta{config.guidance_beta}"
+        seed_specs = []
+        for method in config.methods:
+            available, reason = method_available(method)
+            if not available:
+                skipped[seed].append({"method": method, "error": f"not importable: {reason}", "skipped": True})
+                print(f"      skipping {method}: {reason}")
+                continue
+            for beta in method_betas(method, config):
+                seed_specs.append(
+                    RunSpec(
+                        method=method,
+                        beta=beta,
+                        sft_path=manifest["sft_path"],
+                        data_dir=manifest["data_dir"],
+                        output_dir=str(seed_dir / "runs" / f"{method}_beta{beta}"),
+                        config=config_dict,
+                        guidance_path=str(guidance_dir) if method == "tgdpo" else None,
+                        save_model=method == "dpo" and beta == config.guidance_beta,
+                    )
                 )
-            )
-    if any(spec.method == "tgdpo" for spec in specs) and not any(spec.save_model for spec in specs):
-        skipped += [
-            {"method": "tgdpo", "beta": s.beta, "error": "no DPO guide (dpo not run)"}
-            for s in specs
-            if s.method == "tgdpo"
-        ]
-        specs = [spec for spec in specs if spec.method != "tgdpo"]
-    # The guide first, TGDPO only once it is saved
+        if any(spec.method == "tgdpo" for spec in seed_specs) and not any(spec.save_model for spec in seed_specs):
+            skipped[seed] += [
+                {"method": "tgdpo", "beta": s.beta, "error": "no DPO guide (dpo not run)"}
+                for s in seed_specs
+                if s.method == "tgdpo"
+            ]
+            seed_specs = [spec for spec in seed_specs if spec.method != "tgdpo"]
+        specs += seed_specs
+    # The guides first, TGDPO only once its seed's guide is saved; the longest runs (stabilised TBPO last is fine)
     specs.sort(key=lambda spec: (not spec.save_model, spec.method == "tgdpo"))
-    results = []
+    results: dict[int, list[dict]] = {seed: [] for seed in manifests}
 
-    def report(result):
+    def seed_of(spec) -> int:
+        return spec.config["seed"]
+
+    def report(spec, result):
         status = (
             result.get("error")
             or f"final reward {result['evals'][-1]['reward']:.3f}, seq KL {result['evals'][-1]['seq_kl']:.2f}"
         )
-        print(f"      {result['method']:<12} β={result['beta']:<5} {result['wall_time_s']:6.1f} s  {status}")
-        results.append(result)
+        print(
+            f"      seed {seed_of(spec)} {result['method']:<13} β={result['beta']:<5} {result['wall_time_s']:6.1f} s  "
+            f"{status}"
+        )
+        results[seed_of(spec)].append(result)
 
     waiting = [spec for spec in specs if spec.method == "tgdpo"]
     queue = [spec for spec in specs if spec.method != "tgdpo"]
-    guide_done = False
+    guide_done: dict[int, bool] = {}
     if config.workers <= 1:
         _worker_init(config.threads_per_worker)
         for spec in queue + waiting:
-            report(_run_safely(spec))
-        return results + skipped
+            report(spec, _run_safely(spec))
+        return {seed: results[seed] + skipped[seed] for seed in manifests}
 
     context = get_context("spawn")
     with ProcessPoolExecutor(
@@ -319,32 +410,34 @@ def run_methods(config, manifest: dict, output_dir: Path) -> list[dict]:
     ) as pool:
         running = {}
         while queue or waiting or running:
-            if guide_done and waiting:
-                queue += waiting
-                waiting = []
+            ready = [spec for spec in waiting if guide_done.get(seed_of(spec))]
+            if ready:
+                queue += ready
+                waiting = [spec for spec in waiting if spec not in ready]
             while queue and len(running) < config.workers:
                 spec = queue.pop(0)
                 running[pool.submit(_run_safely, spec)] = spec
             if not running:  # only TGDPO left, and its guide failed
                 for spec in waiting:
                     report(
+                        spec,
                         {
                             "method": spec.method,
                             "beta": spec.beta,
                             "error": "the DPO guide run failed",
                             "wall_time_s": 0.0,
-                        }
+                        },
                     )
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 spec = running.pop(future)
                 result = future.result()
-                report(result)
+                report(spec, result)
                 if spec.save_model:
                     # On failure TGDPO stays waiting, and is reported as failed once nothing else runs
-                    guide_done = "error" not in result
-    return results + skipped
+                    guide_done[seed_of(spec)] = "error" not in result
+    return {seed: results[seed] + skipped[seed] for seed in manifests}
 
 
 def _replicates(args: argparse.Namespace) -> list[dict]:
@@ -360,6 +453,14 @@ def _cpu_time_of_all_processes() -> float | None:
         return None
     usages = [resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)]
     return sum(usage.ru_utime + usage.ru_stime for usage in usages)
+
+
+def _write_reports(results: dict, doc_path: Path, replicates: list[dict]) -> Path:
+    from .report import write_multiseed_report, write_report
+
+    if "seeds" in results:
+        return write_multiseed_report(results, doc_path)
+    return write_report(results, doc_path, replicates)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -379,64 +480,75 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     doc_path = Path(args.doc) if args.doc else (output_dir / "reproduction.md" if config.quick else DEFAULT_DOC)
-    command = "python -m benchmarks.controlled_sentiment.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.controlled_sentiment.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.report_only:
-        from .report import write_report
-
         results = json.loads((output_dir / "results.json").read_text())
         if args.doc is None and results["config"]["quick"]:
             doc_path = output_dir / "reproduction.md"
-        print(f"Report rewritten to {write_report(results, doc_path, _replicates(args))}")
+        print(f"Report rewritten to {_write_reports(results, doc_path, _replicates(args))}")
         return results
 
     total_start = time.perf_counter()
-    timings: dict = {}
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    manifest = prepare_data(config, output_dir, args.reuse, timings)
-
-    from .pipeline import evaluate_sft
+    start = time.perf_counter()
+    prepared = prepare_seeds(config, output_dir, args.reuse)
+    data_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    sft_eval = evaluate_sft(manifest["sft_path"], manifest["data_dir"], config)
-    timings["sft_eval_s"] = time.perf_counter() - start
-    print(f"[4/5] SFT model on held-out prompts: reward {sft_eval['reward']:.3f}, entropy {sft_eval['entropy']:.3f}")
+    runs = run_methods(config, {seed: manifest for seed, (manifest, _, _) in prepared.items()}, output_dir)
+    training_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    runs = run_methods(config, manifest, output_dir)
-    timings["preference_training_s"] = time.perf_counter() - start
-    timings["per_run_s"] = {f"{r['method']}@{r.get('beta')}": r.get("wall_time_s") for r in runs}
-
-    results = {
-        "command": command,
-        "config": asdict(config),
-        "manifest": manifest,
-        "sft_eval": sft_eval,
-        "runs": runs,
-        "timings": timings,
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "trl": trl.__version__,
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "load_average_at_start": load,
-            "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        },
+    environment = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": load,
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-    from .report import write_report
+    per_seed = []
+    for seed, (manifest, sft_eval, timings) in prepared.items():
+        seed_config = _seed_config(config, seed)
+        timings = {**timings, "preference_training_s": training_s, "data_stages_s": data_s}
+        timings["per_run_s"] = {f"{r['method']}@{r.get('beta')}": r.get("wall_time_s") for r in runs[seed]}
+        per_seed.append(
+            {
+                "command": command,
+                "config": asdict(seed_config),
+                "manifest": manifest,
+                "sft_eval": sft_eval,
+                "runs": runs[seed],
+                "timings": timings,
+                "environment": environment,
+            }
+        )
+    if len(per_seed) == 1:
+        results = per_seed[0]
+    else:
+        for seed_results in per_seed:
+            seed_dir = _seed_dir(output_dir, _seed_config(config, seed_results["config"]["seed"]))
+            (seed_dir / "results.json").write_text(json.dumps(seed_results, indent=2, default=float))
+        results = {
+            "command": command,
+            "config": asdict(config),
+            "seeds": per_seed,
+            "timings": {"data_stages_s": data_s, "preference_training_s": training_s},
+            "environment": environment,
+        }
 
     start = time.perf_counter()
-    timings["total_s"] = time.perf_counter() - total_start
-    timings["cpu_total_s"] = _cpu_time_of_all_processes()
+    results["timings"]["total_s"] = time.perf_counter() - total_start
+    results["timings"]["cpu_total_s"] = _cpu_time_of_all_processes()
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    write_report(results, doc_path, _replicates(args))
-    timings["report_s"] = time.perf_counter() - start
-    timings["total_s"] = time.perf_counter() - total_start
+    _write_reports(results, doc_path, _replicates(args))
+    results["timings"]["report_s"] = time.perf_counter() - start
+    results["timings"]["total_s"] = time.perf_counter() - total_start
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    write_report(results, doc_path, _replicates(args))  # again, with the final timings
-    print(f"[5/5] report written to {doc_path} (total {timings['total_s']:.0f} s)")
+    _write_reports(results, doc_path, _replicates(args))  # again, with the final timings
+    print(f"[5/5] report written to {doc_path} (total {results['timings']['total_s']:.0f} s)")
     return results
 
 

@@ -47,6 +47,15 @@ class TBPOConfig(TokenLevelDPOConfig):
         log_ratio_clamp (`float`, *optional*, defaults to `30.0`):
             `log R_t` is clamped to `[−log_ratio_clamp, log_ratio_clamp]` before `ℓ_h` (zero gradient outside), so that
             no loss overflows for extreme logits.
+        log_ratio_floor (`float` or `None`, *optional*, defaults to `None`):
+            A lower bound `f < 0` on `log R_t`: it is clamped to `[f, log_ratio_clamp]` instead, so a token whose ratio
+            is already below `e^f` stops pushing (zero gradient), as BPO clips R from below. The paper's default
+            generator SBA(λ = 0) never saturates (`∂ℓ/∂log R = (1 + R)/s ≥ 1/s`), and a per-token `log R_t` is about
+            1/T of DPO's sequence margin, so at small β (≤ 0.1) every token keeps pushing and TBPO (TBPO-Q above all,
+            whose state term does not anchor the policy to `π_ref`) drifts far from the reference. Set it when
+            training at small β or for many steps; the floor must sit where `log R_t` actually goes (`log_R/mean`,
+            and `log_R/frac_at_floor` once set): −0.1 at β ∈ {0.05, 0.1} in the package's measurements, whereas
+            BPO's `log(0.01)` never binds there. `None` (default) keeps the official loss exactly.
         token_level (`bool`, *optional*, defaults to `True`):
             Whether to match the ratio per token. `False` gives sequence-level BPO
             ([BPO](https://huggingface.co/papers/2505.19601)): one macro-token per response,
@@ -113,6 +122,14 @@ class TBPOConfig(TokenLevelDPOConfig):
         default=30.0,
         metadata={"help": "log R_t is clamped to [-log_ratio_clamp, log_ratio_clamp] before the loss."},
     )
+    log_ratio_floor: float | None = field(
+        default=None,
+        metadata={
+            "help": "Lower bound f < 0 on log R_t (clamped to [f, log_ratio_clamp], zero gradient below), as BPO "
+            "clips R from below: stops the drift of TBPO (TBPO-Q above all) at small beta (e.g. -0.1 at beta <= 0.1). "
+            "None: the official loss."
+        },
+    )
     token_level: bool = field(
         default=True,
         metadata={
@@ -166,6 +183,19 @@ class TBPOConfig(TokenLevelDPOConfig):
             )
         validate_generator(self.generator, self.generator_lambda, self.sba_scale)
         validate_log_ratio_clamp(self.generator, self.generator_lambda, self.log_ratio_clamp)
+        if self.log_ratio_floor is not None:
+            if not (math.isfinite(self.log_ratio_floor) and self.log_ratio_floor < 0):
+                raise ValueError(
+                    f"`log_ratio_floor` must be a finite number < 0 or None, got {self.log_ratio_floor}: it is a lower "
+                    "bound on log R (log R = 0 at the start of training, so a floor >= 0 would stop every token). "
+                    "BPO's R >= 0.01 is log_ratio_floor=-4.6."
+                )
+            if self.log_ratio_floor <= -self.log_ratio_clamp:
+                raise ValueError(
+                    f"`log_ratio_floor={self.log_ratio_floor}` is at or below `-log_ratio_clamp="
+                    f"{-self.log_ratio_clamp}`, so it would have no effect: the clamp already bounds log R there. Set a "
+                    "floor above it, or None."
+                )
         if not 0.0 <= self.label_smoothing <= 0.5:
             raise ValueError(
                 f"`label_smoothing` must be in [0, 0.5], got {self.label_smoothing}: it is the probability that a "

@@ -52,8 +52,8 @@ class TBPOTrainer(TokenLevelDPOTrainer):
         log R_t = β[(ρ^l_t − ρ^w_t) + log w_t],        ρ_t = log πθ(y_t|s_t) − log π_ref(y_t|s_t),
 
     and matches it to the data ratio with a Bregman loss `ℓ_h(R) = h′(R)R − h(R) − h′(1/R)` (paper Thm 4.4; docs/algorithms.md
-    §3.3): `L = mean_pairs[(1/T) Σ_{t ≤ T} ℓ_h(R_t)]`, with `log R_t` clamped to `±log_ratio_clamp`. The state weight
-    `w_t` depends on `args.variant`:
+    §3.3): `L = mean_pairs[(1/T) Σ_{t ≤ T} ℓ_h(R_t)]`, with `log R_t` clamped to `±log_ratio_clamp` (to
+    `[log_ratio_floor, log_ratio_clamp]` with the optional floor). The state weight `w_t` depends on `args.variant`:
 
     * `"tbpo_a"`: `log w_t = κ^l_t − κ^w_t`, the forward KL(π_ref ‖ πθ) at each prefix, exact over the vocabulary and
       computed in chunks (the `[tokens, vocab]` logits are never built), with gradient (official code);
@@ -81,6 +81,8 @@ class TBPOTrainer(TokenLevelDPOTrainer):
       pairs). Negative means that, state weight included, the policy favours the chosen token over the rejected one
       more than the reference does.
     * `log_R/frac_below_zero`: fraction of aligned tokens with `log R_t < 0`, a token-level preference accuracy.
+    * `log_R/frac_at_floor` (with `log_ratio_floor`): fraction of aligned tokens whose `log R_t` sits at the floor,
+      i.e. that no longer push the policy.
     * `min_length` (token level): mean number T = min(n_w, n_l) of aligned tokens per pair.
     * `kl/chosen`, `kl/rejected`, `kl/margin` (TBPO-A): the sequential KL `Σ_t κ_t` over the whole chosen and
       rejected completions, and chosen − rejected, as TDPO logs them.
@@ -309,6 +311,7 @@ class TBPOTrainer(TokenLevelDPOTrainer):
             sba_scale=args.sba_scale,
             log_ratio_clamp=args.log_ratio_clamp,
             label_smoothing=args.label_smoothing,
+            log_ratio_floor=args.log_ratio_floor,
         )
         loss = self._add_aux_loss(tbpo.losses.mean(), outputs, mode)
 
