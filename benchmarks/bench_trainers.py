@@ -7,6 +7,8 @@ plot into `docs/benchmarks.png`:
     python benchmarks/bench_trainers.py                      # the default sweep (V 32k/128k x L 256/1024)
     python benchmarks/bench_trainers.py --quick              # a 3-5 minute smoke run (V 8k, L 128, 1 round)
     python benchmarks/bench_trainers.py --vocab 32000 --seq 256 --configs dpo-tuned tdpo2 --no-write
+    python benchmarks/bench_trainers.py --configs dpo-tuned dpo-pre tdpo2 tdpo2-cached --block cache --no-plot
+                                                             # the reference cache, in its own block of the page
 
 How it measures:
 
@@ -41,9 +43,21 @@ Configurations (`--configs`, default all available):
   (run this script's `--configs tdpo2` at commit 4ab13ad, in a worktree);
 * `tgdpo-fly`: `TGDPOTrainer` with a guidance model (a second tiny model) run on the fly at every step;
 * `tgdpo-pre`: `TGDPOTrainer` on token rewards precomputed by `scripts/compute_token_rewards.py`;
-* `tbpo-a`, `tbpo-q`: `TBPOTrainer` (variants `tbpo_a`, `tbpo_q`).
+* `tbpo-a`, `tbpo-q`: `TBPOTrainer` (variants `tbpo_a`, `tbpo_q`);
+* `dpo-pre`: `dpo-tuned` with `precompute_ref_log_probs=True` (no reference model kept; not in the default sweep);
+* `tdpo2-cached`: `tdpo2` with `precompute_ref_log_probs=True`, the reference cache at the default `ref_top_k` (no
+  reference model kept, a step runs the policy only; not in the default sweep).
 
-Raw results go to `benchmarks/results/<timestamp>.json`; `--from-json FILE` rewrites the page from one.
+Besides the ratios against `dpo-tuned`, `PAIRS` are compared with their own baseline in the same cell (`tdpo2-cached`
+against `dpo-pre` and against `tdpo2`; `dpo-pre` against `dpo-tuned`); a pair's baseline is added to the run when
+missing. The precompute happens in `__init__`, outside the step times: its wall and CPU time are reported apart (each
+precompute configuration gets a fresh datasets cache, so every process computes it, as a user's first run does). So
+is the data loading per batch (fetch and collate, which Trainer does before `on_step_begin` for every configuration;
+with the reference cache the collator builds the k columns per token), timed on a pass over the training dataloader
+after the last step.
+
+Raw results go to `benchmarks/results/<timestamp>.json`; `--from-json FILE` rewrites the page from one (with the same
+`--block`).
 """
 
 import argparse
@@ -66,7 +80,7 @@ sys.path.insert(0, str(BENCH_DIR))
 from _memory import PeakMemory, current_rss_mb  # noqa: E402
 
 
-ALL_CONFIGS = (
+DEFAULT_CONFIGS = (
     "dpo-default",
     "dpo-tuned",
     "tdpo1",
@@ -77,7 +91,10 @@ ALL_CONFIGS = (
     "tbpo-a",
     "tbpo-q",
 )
-DEFAULT_CONFIGS = ALL_CONFIGS
+# The reference cache (`precompute_ref_log_probs=True`): its own sweep, `--configs` of CACHE_CONFIGS `--block cache`
+PRECOMPUTE_CONFIGS = ("dpo-pre", "tdpo2-cached")
+CACHE_CONFIGS = ("dpo-tuned", "dpo-pre", "tdpo2", "tdpo2-cached")
+ALL_CONFIGS = DEFAULT_CONFIGS + PRECOMPUTE_CONFIGS
 BASELINE = "dpo-tuned"
 # The issue's targets, as ratios against DPOTrainer in the same cell (time, memory); None: no target
 TARGETS = {
@@ -87,8 +104,21 @@ TARGETS = {
     "tbpo-a": (1.10, 1.10),
     "tbpo-q": (1.15, 1.15),
 }
+# Ratios of a configuration against another baseline than BASELINE, with their targets (time, memory; None: none).
+# The cached TDPO2 is compared with the DPO that also precomputes its reference (both keep no reference model) and
+# with the live TDPO2 (which runs the reference forward every step); a target of 1.00 on time reads "faster".
+PAIRS = {
+    ("tdpo2-cached", "dpo-pre"): (1.10, 1.10),
+    ("tdpo2-cached", "tdpo2"): (1.00, None),
+    ("dpo-pre", "dpo-tuned"): (None, None),
+}
 MODEL = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024}
-BEGIN, END = "<!-- bench_trainers:begin -->", "<!-- bench_trainers:end -->"
+
+
+def block_markers(block: str) -> tuple[str, str]:
+    """The markers of a generated block of docs/benchmarks.md: the main sweep's (`block=""`) or a named one."""
+    name = f"bench_trainers-{block}" if block else "bench_trainers"
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
 def _trainer_module(config: str) -> str:
@@ -222,7 +252,20 @@ def _patch_naive_stats() -> None:
     token_stats.compute_token_stats = naive
 
 
-def build_trainer(config: str, args, paths: dict, output_dir: str):
+def _time_precompute(trainer_class, calls: list) -> None:
+    """Records the wall and CPU time of every `_precompute_ref_logps` call of `trainer_class` (made in `__init__`)."""
+    original = trainer_class._precompute_ref_logps
+
+    def timed(self, dataset, name, batch_size):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = original(self, dataset, name, batch_size)
+        calls.append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu})
+        return result
+
+    trainer_class._precompute_ref_logps = timed
+
+
+def build_trainer(config: str, args, paths: dict, output_dir: str, precompute_calls: list | None = None):
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
@@ -231,9 +274,11 @@ def build_trainer(config: str, args, paths: dict, output_dir: str):
     data_file = paths["data"][str(args.seq)]
     if config == "tgdpo-pre":
         data_file = paths["rewards"][f"{args.vocab}-{args.seq}"]
-    dataset = load_dataset(
-        "json", data_files=data_file, split="train", cache_dir=str(Path(args.work_dir) / "hf-cache")
-    )
+    # The precompute is cached on disk next to the dataset's cache files (DPOTrainer's and ours): a fresh cache per
+    # process makes every process compute it, as a user's first run does, so that its time is measured every round
+    # and the memory it leaves behind is in every peak alike
+    cache_dir = Path(output_dir) / "hf-cache" if config in PRECOMPUTE_CONFIGS else Path(args.work_dir) / "hf-cache"
+    dataset = load_dataset("json", data_files=data_file, split="train", cache_dir=str(cache_dir))
     common = {
         "output_dir": output_dir,
         "max_steps": args.warmup + args.steps,
@@ -254,18 +299,24 @@ def build_trainer(config: str, args, paths: dict, output_dir: str):
     if config.startswith("dpo"):
         from trl import DPOConfig, DPOTrainer
 
-        if config == "dpo-tuned":
+        if config in ("dpo-tuned", "dpo-pre"):
             from trl_tokenpref._compat import set_trl_lm_head_tiles
 
             set_trl_lm_head_tiles(256, 4096)
-        return DPOTrainer(args=DPOConfig(**common), **kwargs)
+        if config == "dpo-pre":
+            _time_precompute(DPOTrainer, precompute_calls)
+        return DPOTrainer(args=DPOConfig(**common, precompute_ref_log_probs=config == "dpo-pre"), **kwargs)
     if config.startswith("tdpo"):
         from trl_tokenpref import TDPOConfig, TDPOTrainer
 
         if config == "tdpo2-naive":
             _patch_naive_stats()
+        if config == "tdpo2-cached":
+            _time_precompute(TDPOTrainer, precompute_calls)
         variant = "tdpo1" if config == "tdpo1" else "tdpo2"
-        return TDPOTrainer(args=TDPOConfig(variant=variant, **common), **kwargs)
+        # ref_top_k: the default
+        config_args = TDPOConfig(variant=variant, precompute_ref_log_probs=config == "tdpo2-cached", **common)
+        return TDPOTrainer(args=config_args, **kwargs)
     if config.startswith("tgdpo"):
         from trl_tokenpref.tgdpo import TGDPOConfig, TGDPOTrainer
 
@@ -280,6 +331,37 @@ def build_trainer(config: str, args, paths: dict, output_dir: str):
     raise ValueError(f"unknown config {config}")
 
 
+def time_data_loading(trainer) -> dict:
+    """CPU time per batch of the training data loading (dataset rows to a collated batch), measured after training
+    on a fresh pass over the same dataloader: Trainer fetches and collates a batch before `on_step_begin`, so the step
+    times leave it out, for every configuration alike. With the reference cache the collator turns k values per
+    completion token into tensors (`DataCollatorForPerTokenColumns`), and the rows carry them as Python lists: that is
+    the cost a step's time does not show. `collate` is the collator alone, `total` with the dataset's fetch."""
+    collate_cpu = []
+    collator = trainer.data_collator
+
+    def timed_collator(examples):
+        cpu = time.process_time()
+        batch = collator(examples)
+        collate_cpu.append(time.process_time() - cpu)
+        return batch
+
+    trainer.data_collator = timed_collator
+    try:
+        dataloader = trainer.get_train_dataloader()
+        cpu, wall = time.process_time(), time.perf_counter()
+        num_batches = sum(1 for _ in dataloader)
+        total_cpu, total_wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        trainer.data_collator = collator
+    return {
+        "batches": num_batches,
+        "total_cpu_s_per_batch": total_cpu / max(num_batches, 1),
+        "total_wall_s_per_batch": total_wall / max(num_batches, 1),
+        "collate_cpu_s_per_batch": sum(collate_cpu) / max(len(collate_cpu), 1),
+    }
+
+
 def worker(args) -> dict:
     import tempfile
 
@@ -289,8 +371,9 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     paths = json.loads(args.paths)
     start = time.perf_counter()
+    precompute_calls = []
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = build_trainer(args.worker, args, paths, output_dir)
+        trainer = build_trainer(args.worker, args, paths, output_dir, precompute_calls)
         init_s = time.perf_counter() - start
 
         class StepTimer(TrainerCallback):
@@ -310,7 +393,13 @@ def worker(args) -> dict:
         with PeakMemory() as memory:
             trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        data_loading = time_data_loading(trainer)
+        # What the process holds besides the policy: the reference model (None with a precompute, or with PEFT)
+        ref_params = sum(p.numel() for p in trainer.ref_model.parameters()) if trainer.ref_model is not None else 0
     return {
+        "ref_model_params": ref_params,
+        "precompute": precompute_calls,
+        "data_loading": data_loading,
         "config": args.worker,
         "vocab": args.vocab,
         "seq": args.seq,
@@ -383,17 +472,45 @@ def run_one(args, config, vocab, seq, paths) -> dict:
     return result
 
 
-def aggregate(results: list[dict]) -> dict:
-    """Per (config, vocab, seq): pooled median step time, per-round ratios to the baseline, median peak memory."""
+def _runs_by_cell(results: list[dict]) -> dict:
+    """{(vocab, seq): {config: [successful runs]}}."""
     cells = {}
     for r in results:
-        cells.setdefault((r["vocab"], r["seq"]), {}).setdefault(r["config"], []).append(r)
+        runs = cells.setdefault((r["vocab"], r["seq"]), {}).setdefault(r["config"], [])
+        if "error" not in r:
+            runs.append(r)
+    return cells
+
+
+def _round_ratios(runs: list[dict], base_runs: list[dict], key: str) -> list[float]:
+    """Per round, the median step time of `runs` over the baseline's in the same round: the spread shows the noise."""
+    base_by_round = {r["round"]: r for r in base_runs}
+    return [
+        statistics.median(r[key]) / statistics.median(base_by_round[r["round"]][key])
+        for r in runs
+        if r["round"] in base_by_round
+    ]
+
+
+def _pooled_ratios(row: dict, base: dict, suffix: str = "") -> dict:
+    """Ratios of the pooled medians (time, CPU time, peak, Δ) of two rows of the table."""
+    if "step_s" not in row or "step_s" not in base:
+        return {}
+    return {
+        "time_ratio" + suffix: row["step_s"] / base["step_s"],
+        "cpu_ratio" + suffix: row["cpu_s"] / base["cpu_s"],
+        "peak_ratio" + suffix: row["peak_mb"] / base["peak_mb"],
+        "delta_ratio" + suffix: row["delta_mb"] / base["delta_mb"] if base["delta_mb"] > 0 else None,
+    }
+
+
+def aggregate(results: list[dict]) -> dict:
+    """Per (config, vocab, seq): pooled median step time, per-round ratios to the baseline, median peak memory."""
+    cells = _runs_by_cell(results)
     table = {}
     for (vocab, seq), by_config in cells.items():
-        base_runs = [r for r in by_config.get(BASELINE, []) if "error" not in r]
-        base_by_round = {r["round"]: r for r in base_runs}
-        for config, runs in by_config.items():
-            good = [r for r in runs if "error" not in r]
+        for config, good in by_config.items():
+            runs = [r for r in results if (r["config"], r["vocab"], r["seq"]) == (config, vocab, seq)]
             row = {"runs": len(runs), "errors": [r["error"] for r in runs if "error" in r]}
             if good:
                 wall = [t for r in good for t in r["wall"]]
@@ -408,49 +525,83 @@ def aggregate(results: list[dict]) -> dict:
                     init_mb=statistics.median(r["rss_after_init_mb"] for r in good),
                     load=statistics.median(r.get("load_before", 0) for r in good),
                 )
-                # Per round, against the baseline of the same round: the spread shows the noise
                 for key in ("cpu", "wall"):
-                    row[f"round_{key}_ratios"] = [
-                        statistics.median(r[key]) / statistics.median(base_by_round[r["round"]][key])
-                        for r in good
-                        if r["round"] in base_by_round
-                    ]
+                    row[f"round_{key}_ratios"] = _round_ratios(good, by_config.get(BASELINE, []), key)
+                # Results of runs before these were measured have none of the following
+                if all("ref_model_params" in r for r in good):
+                    row["ref_model_params"] = max(r["ref_model_params"] for r in good)
+                    loading = [r["data_loading"] for r in good]
+                    row["data_cpu_s"] = statistics.median(d["total_cpu_s_per_batch"] for d in loading)
+                    row["collate_cpu_s"] = statistics.median(d["collate_cpu_s_per_batch"] for d in loading)
+                    if all(r["precompute"] for r in good):
+                        row["precompute_wall_s"] = statistics.median(
+                            sum(c["wall_s"] for c in r["precompute"]) for r in good
+                        )
+                        row["precompute_cpu_s"] = statistics.median(
+                            sum(c["cpu_s"] for c in r["precompute"]) for r in good
+                        )
             table[(config, vocab, seq)] = row
     for (_config, vocab, seq), row in table.items():
-        base = table.get((BASELINE, vocab, seq), {})
-        default = table.get(("dpo-default", vocab, seq), {})
-        for key, ref_row in (("", base), ("_vs_default", default)):
-            if "step_s" in row and "step_s" in ref_row:
-                row["time_ratio" + key] = row["step_s"] / ref_row["step_s"]
-                row["cpu_ratio" + key] = row["cpu_s"] / ref_row["cpu_s"]
-                row["peak_ratio" + key] = row["peak_mb"] / ref_row["peak_mb"]
-                row["delta_ratio" + key] = row["delta_mb"] / ref_row["delta_mb"] if ref_row["delta_mb"] > 0 else None
+        row.update(_pooled_ratios(row, table.get((BASELINE, vocab, seq), {})))
+        row.update(_pooled_ratios(row, table.get(("dpo-default", vocab, seq), {}), "_vs_default"))
     return table
+
+
+def pair_table(results: list[dict], table: dict) -> dict:
+    """Per (config, baseline, vocab, seq) of PAIRS: the ratios of `config` against `baseline` in the same cell (pooled,
+    and per round for the time), both peaks and their difference."""
+    pairs = {}
+    for (vocab, seq), by_config in _runs_by_cell(results).items():
+        for config, baseline in PAIRS:
+            row, base = table.get((config, vocab, seq), {}), table.get((baseline, vocab, seq), {})
+            ratios = _pooled_ratios(row, base)
+            if not ratios:
+                continue
+            for key in ("cpu", "wall"):
+                ratios[f"round_{key}_ratios"] = _round_ratios(by_config[config], by_config[baseline], key)
+            ratios.update(
+                peak_mb=row["peak_mb"],
+                base_peak_mb=base["peak_mb"],
+                peak_saved_mb=base["peak_mb"] - row["peak_mb"],
+                ref_kept=(row.get("ref_model_params", 0) > 0, base.get("ref_model_params", 0) > 0),
+            )
+            pairs[(config, baseline, vocab, seq)] = ratios
+    return pairs
 
 
 def _fmt(value, spec=".2f", suffix=""):
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}{suffix}"
 
 
+def _spread(ratios) -> str:
+    return f" ({min(ratios):.2f}–{max(ratios):.2f})" if ratios and len(ratios) > 1 else ""
+
+
 def _verdict(row, target) -> str:
-    """Judged on the CPU-time ratio (the work; see the module docstring) and the peak-RSS ratio."""
+    """Judged on the CPU-time ratio (the work; see the module docstring) and the peak-RSS ratio; a target of None is
+    not judged."""
     if "cpu_ratio" not in row:
         return "not measured"
-    time_ok, peak_ok = row["cpu_ratio"] <= target[0], row["peak_ratio"] <= target[1]
-    if time_ok and peak_ok:
-        return f"**met** ({row['cpu_ratio']:.2f} / {row['peak_ratio']:.2f})"
-    missed = []
-    if not time_ok:
-        missed.append(f"time {row['cpu_ratio']:.2f} > {target[0]:.2f}")
-    if not peak_ok:
-        missed.append(f"memory {row['peak_ratio']:.2f} > {target[1]:.2f}")
-    return "**not met** (" + ", ".join(missed) + ")"
+    checks = [("time", row["cpu_ratio"], target[0]), ("memory", row["peak_ratio"], target[1])]
+    missed = [
+        f"{name} {value:.2f} > {limit:.2f}" for name, value, limit in checks if limit is not None and value > limit
+    ]
+    measured = " / ".join(f"{value:.2f}" for _, value, limit in checks if limit is not None)
+    return f"**not met** ({', '.join(missed)})" if missed else f"**met** ({measured})"
 
 
-def render_markdown(meta: dict, table: dict, configs: list[str], skipped: dict) -> str:
+def _target_text(target) -> str:
+    return " / ".join(f"≤ {limit:.2f}×" if limit is not None else "–" for limit in target)
+
+
+def render_markdown(
+    meta: dict, table: dict, configs: list[str], skipped: dict, block: str = "", pairs: dict | None = None,
+    with_plot: bool = True,
+) -> str:  # fmt: skip
     vocabs, seqs = meta["vocabs"], meta["seqs"]
+    begin, end = block_markers(block)
     lines = [
-        BEGIN,
+        begin,
         "",
         f"Generated by `{meta['command']}` on {meta['date']} ({meta['runtime_min']:.0f} min).",
         "",
@@ -484,10 +635,7 @@ def render_markdown(meta: dict, table: dict, configs: list[str], skipped: dict) 
                     error = row["errors"][0].replace("|", "/")[:100]
                     lines.append(f"| {config} | {vocab:,} | {seq} | failed: {error} |||||||||")
                     continue
-                spread = {}
-                for key in ("cpu", "wall"):
-                    ratios = row.get(f"round_{key}_ratios") or []
-                    spread[key] = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+                spread = {key: _spread(row.get(f"round_{key}_ratios")) for key in ("cpu", "wall")}
                 lines.append(
                     f"| {config} | {vocab:,} | {seq} | {row['cpu_s']:.2f} | {_fmt(row.get('cpu_ratio'))}{spread['cpu']} | "
                     f"{row['step_s']:.2f} | {_fmt(row.get('time_ratio'))}{spread['wall']} | "
@@ -501,7 +649,9 @@ def render_markdown(meta: dict, table: dict, configs: list[str], skipped: dict) 
         if config not in configs:
             continue
         cells = [_verdict(table.get((config, v, s), {}), target) for v in vocabs for s in seqs]
-        lines.append(f"| {config} | ≤ {target[0]:.2f}× / ≤ {target[1]:.2f}× | " + " | ".join(cells) + " |")
+        lines.append(f"| {config} | {_target_text(target)} | " + " | ".join(cells) + " |")
+    if pairs:
+        lines += _render_pairs(meta, table, pairs, configs)
     # Flatness in V: Δ contains the gradients and AdamW states of the [V, H] embedding and LM head (12 bytes per
     # parameter, allocated in the first step), which grow with V for every trainer alike. What is left is the memory
     # of activations and temporaries, where a term in tokens x V would show.
@@ -523,16 +673,72 @@ def render_markdown(meta: dict, table: dict, configs: list[str], skipped: dict) 
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
     if skipped:
         lines += ["", "Not measured: " + "; ".join(f"`{c}` ({why[:120]})" for c, why in skipped.items()) + "."]
-    lines += ["", "![step time and peak memory against vocabulary size](benchmarks.png)", "", END]
+    if with_plot:
+        lines += ["", "![step time and peak memory against vocabulary size](benchmarks.png)"]
+    lines += ["", end]
     return "\n".join(lines)
 
 
-def write_page(path: Path, block: str) -> None:
-    """Replaces the generated block of the page (or creates the page around it)."""
+def _render_pairs(meta: dict, table: dict, pairs: dict, configs: list[str]) -> list[str]:
+    """The ratios of PAIRS (the reference cache against DPO's precompute and against the live reference), the
+    memory with and without a reference model, the precompute's time and the data loading per batch."""
+    vocabs, seqs = meta["vocabs"], meta["seqs"]
+    weights_mb = {v: 4 * p / 2**20 for v, p in zip(vocabs, meta["params"])}
+    lines = [
+        "",
+        "Pairs (the first configuration against the second, in the same cell; per-round ratios in brackets). Peak "
+        "MB: both peaks and the second minus the first; ref: whether each process kept a reference model (one fp32 "
+        "copy of the weights is " + ", ".join(f"{weights_mb[v]:.0f} MB at V = {v:,}" for v in vocabs) + "):",
+        "",
+        "| config | against | V | L | CPU × (rounds) | wall × (rounds) | peak MB | against | saved MB | peak × | "
+        "Δ × | ref kept | target (time / memory) | verdict |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for (config, baseline), target in PAIRS.items():
+        for vocab in vocabs:
+            for seq in seqs:
+                pair = pairs.get((config, baseline, vocab, seq))
+                if pair is None:
+                    continue
+                kept = " / ".join("yes" if k else "no" for k in pair["ref_kept"])
+                judged = any(limit is not None for limit in target)
+                lines.append(
+                    f"| {config} | {baseline} | {vocab:,} | {seq} | {pair['cpu_ratio']:.2f}"
+                    f"{_spread(pair['round_cpu_ratios'])} | {pair['time_ratio']:.2f}{_spread(pair['round_wall_ratios'])} "
+                    f"| {pair['peak_mb']:.0f} | {pair['base_peak_mb']:.0f} | {pair['peak_saved_mb']:.0f} | "
+                    f"{pair['peak_ratio']:.2f} | {_fmt(pair['delta_ratio'])} | {kept} | "
+                    f"{_target_text(target) if judged else '–'} | {_verdict(pair, target) if judged else '–'} |"
+                )
+    rows = [(c, v, s) for c in configs for v in vocabs for s in seqs if "data_cpu_s" in table.get((c, v, s), {})]
+    if rows:
+        lines += [
+            "",
+            "Outside the step time: the precompute (in `__init__`, wall and CPU seconds for the whole training set, "
+            "median over rounds), and the data loading per batch (dataset rows to a collated batch; Trainer does it "
+            "before `on_step_begin`, so no step time above contains it), CPU ms, with the collator's part and its "
+            "share of the CPU step time:",
+            "",
+            "| config | V | L | precompute wall s | precompute CPU s | data loading ms/batch | collator ms/batch | "
+            "loading / step |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for config, vocab, seq in rows:
+            row = table[(config, vocab, seq)]
+            lines.append(
+                f"| {config} | {vocab:,} | {seq} | {_fmt(row.get('precompute_wall_s'), '.1f')} | "
+                f"{_fmt(row.get('precompute_cpu_s'), '.1f')} | {1e3 * row['data_cpu_s']:.1f} | "
+                f"{1e3 * row['collate_cpu_s']:.1f} | {100 * row['data_cpu_s'] / row['cpu_s']:.1f}% |"
+            )
+    return lines
+
+
+def write_page(path: Path, block: str, name: str = "") -> None:
+    """Replaces the generated block `name` of the page (or adds it at the end, or creates the page around it)."""
+    begin, end = block_markers(name)
     if path.exists():
         text = path.read_text()
-        if BEGIN in text and END in text:
-            text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+        if begin in text and end in text:
+            text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
     else:
@@ -570,6 +776,8 @@ def plot(path: Path, meta: dict, table: dict, configs: list[str]) -> None:
         "tgdpo-pre": ("tab:green", "-", "^"),
         "tbpo-a": ("tab:purple", "-", "D"),
         "tbpo-q": ("tab:purple", "--", "D"),
+        "dpo-pre": ("tab:gray", "-", "o"),
+        "tdpo2-cached": ("tab:cyan", "-", "s"),
     }
     for column, seq in enumerate(seqs):
         for row_index, (key, label) in enumerate(panels):
@@ -640,11 +848,17 @@ def _meta(args, command_line, vocabs, seqs, started, load_start) -> dict:
 
 def report(meta, results, configs, skipped, args) -> dict:
     table = aggregate(results)
-    print(render_markdown(meta, table, configs, skipped).replace(BEGIN, "").replace(END, ""))
+    pairs = pair_table(results, table)
+    with_plot = not args.no_plot
+    block = render_markdown(meta, table, configs, skipped, args.block, pairs, with_plot)
+    print("\n".join(line for line in block.splitlines() if line not in block_markers(args.block)))
     if not args.no_write:
-        write_page(Path(args.out), render_markdown(meta, table, configs, skipped))
-        plot(Path(args.plot), meta, table, configs)
-        print(f"wrote {args.out} and {args.plot}", file=sys.stderr)
+        write_page(Path(args.out), block, args.block)
+        written = [args.out]
+        if with_plot:
+            plot(Path(args.plot), meta, table, configs)
+            written.append(args.plot)
+        print(f"wrote {' and '.join(written)}", file=sys.stderr)
     return table
 
 
@@ -664,6 +878,13 @@ def main(argv=None):
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     parser.add_argument("--plot", default=str(REPO / "docs" / "benchmarks.png"))
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--no-plot", action="store_true", help="write the table but not the plot")
+    parser.add_argument(
+        "--block",
+        default="",
+        help="the generated block of --out to replace: '' the main sweep's, NAME the block between "
+        "<!-- bench_trainers-NAME:begin/end --> (e.g. 'cache' for the reference-cache sweep)",
+    )
     parser.add_argument("--work-dir", default=str(REPO / "outputs" / "bench"), help="models, data (cached)")
     parser.add_argument("--from-json", help="re-render the page from a results file instead of measuring")
     for hidden in ("--worker", "--paths"):
@@ -688,6 +909,10 @@ def main(argv=None):
     configs, skipped = available_configs(args.configs)
     if BASELINE not in configs:
         configs.insert(0, BASELINE)
+    # A pair needs its baseline in the same run
+    for config, baseline in PAIRS:
+        if config in configs and baseline not in configs:
+            configs.insert(configs.index(config), baseline)
     paths = setup(args, args.vocab, args.seq, configs)
     paths = {k: {str(kk): vv for kk, vv in v.items()} for k, v in paths.items()}
     results = []
