@@ -426,11 +426,17 @@ class TokenLevelDPOTrainer(DPOTrainer):
                 REF_TAIL_COLUMNS: cache.tail_log_mass,
             }
 
+        columns = [REF_TOKEN_LOGPS_COLUMNS, REF_TOPK_IDS_COLUMNS, REF_TOPK_LOGPS_COLUMNS, REF_TAIL_COLUMNS]
+        return self._add_per_token_columns(dataset, name, batch_size, score_batch, columns, cache_key)
+
+    def _add_per_token_columns(self, dataset, name, batch_size, score_batch, columns, cache_key):
+        """`precompute.add_per_token_columns` with this trainer's reference model (DeepSpeed's inference engine before
+        `train`), accelerator, collator and truncation."""
         return precompute.add_per_token_columns(
             dataset,
             score_batch,
             model=precompute_reference_model(self),
-            columns=[REF_TOKEN_LOGPS_COLUMNS, REF_TOPK_IDS_COLUMNS, REF_TOPK_LOGPS_COLUMNS, REF_TAIL_COLUMNS],
+            columns=columns,
             cache_key=cache_key,
             accelerator=self.accelerator,
             collator=self.data_collator,

@@ -19,8 +19,7 @@ import torch
 from accelerate.logging import get_logger
 from datasets import Dataset
 
-from .. import precompute
-from .._compat import precompute_model_hash, precompute_reference_model
+from .._compat import precompute_model_hash
 from ..base import TokenLevelDPOTrainer
 from ..checks import check_local_path, listed_rows
 from ..losses import sequence_sum, tgdpo_loss
@@ -256,21 +255,7 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
                 )
             return values
 
-        return precompute.add_per_token_columns(
-            dataset,
-            score_batch,
-            model=precompute_reference_model(self),
-            columns=columns,
-            cache_key=cache_key,
-            accelerator=self.accelerator,
-            collator=self.data_collator,
-            batch_size=batch_size,
-            max_length=self.args.max_length,
-            truncation_mode=self.args.truncation_mode,
-            name=name,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
-        )
+        return self._add_per_token_columns(dataset, name, batch_size, score_batch, columns, cache_key)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
