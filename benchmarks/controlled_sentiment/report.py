@@ -98,6 +98,14 @@ def _max_kl(results: dict, method: str, kl_key: str = "seq_kl") -> float:
     return max(kl for kl, _ in _points(results, method, kl_key))
 
 
+def _reach_at_step(results: dict, method: str, step: int) -> float:
+    """The largest MC sequential KL `method` reached, over β, at evaluations up to `step`: how its reach grows."""
+    values = [
+        e["seq_kl"] for run in _ok_runs(results) if run["method"] == method for e in run["evals"] if e["step"] <= step
+    ]
+    return max([0.0, *values])
+
+
 def _reward_se(evaluation: dict) -> float:
     """Standard error of a mean reward (the samples of one evaluation are independent)."""
     num_samples = evaluation.get("num_samples") or 1
@@ -933,6 +941,9 @@ _T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365,
 MIN_OVERLAP_KL = 1.0
 # "At least as well as": the non-inferiority margin of a frontier comparison (reward)
 NON_INFERIORITY_MARGIN = 0.02
+# The stabiliser's KL ratio: a run's KL below this (nats) counts as this, so that ln(KL_plain / KL_stabilised) stays
+# finite for a run that hardly moved
+KL_RATIO_FLOOR = 0.01
 
 VERDICT_RULES = f"""\
 These rules were fixed in the code (`report.py`) before the runs whose numbers follow, and the verdicts are computed
@@ -961,10 +972,14 @@ from the numbers by them:
 - **Larger α is harder to optimise**: effect = final reward of TDPO2 α = 0.5 minus α = 2, averaged over β.
 - **TBPO keeps more diversity than DPO**: effects = per-token entropy and distinct-1 of TBPO minus DPO's, last step,
   averaged over β; supported when both intervals lie above 0, contradicted when either lies below 0.
-- **The stabiliser** (this package's claim, not a paper's): at the stabiliser β, effect = final sequential KL of the
-  plain run minus the stabilised one (supported when above 0: the drift is smaller), *and* the stabilised run's final
-  reward may not be worse by more than the non-inferiority margin (interval of its reward difference above
-  −{NON_INFERIORITY_MARGIN:g}); contradicted when the KL interval lies below 0 or the reward interval below −{NON_INFERIORITY_MARGIN:g}.
+- **The stabiliser** (this package's claim, not a paper's): at the stabiliser β, effect = ln(KL_plain / KL_stabilised)
+  of the final exact per-step sequential KL Σ_t KL(πθ‖π_ref)(s_t) (`stepwise`: never negative, unlike the Monte-Carlo
+  sum; each floored at {KL_RATIO_FLOOR:g} nats), averaged over β: a log ratio, because the plain run's drift varies
+  tenfold between seeds, so a difference in nats would be dominated by the seed that drifts most. Supported when the
+  interval lies above 0 (the drift is smaller; the table also gives the factor e^effect) *and* the stabilised run's
+  final reward is not worse by more than the non-inferiority margin (interval of its reward difference above
+  −{NON_INFERIORITY_MARGIN:g}); contradicted when the log-ratio interval lies below 0 or the reward interval below
+  −{NON_INFERIORITY_MARGIN:g}.
 """
 
 
@@ -1180,10 +1195,14 @@ def assess_claims_over_seeds(all_results: list[dict]) -> list[dict]:
 
             def gap(r, b, key, plain=plain, stable=stable):
                 p, s = _final(r, plain, b), _final(r, stable, b)
-                return None if p is None or s is None else (p[key] - s[key] if key == "seq_kl" else s[key] - p[key])
+                if p is None or s is None:
+                    return None
+                if key == "reward":
+                    return s["reward"] - p["reward"]
+                return math.log(max(p[key], KL_RATIO_FLOOR) / max(s[key], KL_RATIO_FLOOR))
 
             kl_effects = [
-                _mean_over_betas(r, stabiliser_betas, lambda b, r=r: gap(r, b, "seq_kl")) for r in all_results
+                _mean_over_betas(r, stabiliser_betas, lambda b, r=r: gap(r, b, "seq_kl_stepwise")) for r in all_results
             ]
             reward_effects = [
                 _mean_over_betas(r, stabiliser_betas, lambda b, r=r: gap(r, b, "reward")) for r in all_results
@@ -1204,8 +1223,10 @@ def assess_claims_over_seeds(all_results: list[dict]) -> list[dict]:
                 0.0,
                 verdict,
                 scope=f"last step, β ∈ {{{', '.join(str(b) for b in stabiliser_betas)}}}",
-                unit="final seq KL plain − stabilised (nats)",
-                digits=1,
+                unit=f"ln(KL plain / KL stabilised), final stepwise seq KL (factor e^mean = {math.exp(kl_mean):.1f}×)"
+                if math.isfinite(kl_mean)
+                else "ln(KL plain / KL stabilised), final stepwise seq KL",
+                digits=2,
                 extra=f"reward stabilised − plain {_fmt_interval(*_interval(reward_effects))}",
             )
     return claims
@@ -1328,18 +1349,35 @@ def write_multiseed_report(results: dict, doc_path: str | Path) -> Path:
     load_end = env.get("load_average_at_end") or [math.nan]
     cpu_total = timings.get("cpu_total_s")
     scale = "" if not config.get("extra", {}).get("scale_note") else f" {config['extra']['scale_note']}"
+    if timings.get("overlapped"):
+        stages = (
+            f"everything in one pool of {config['workers']} processes of {config['threads_per_worker']} torch "
+            f"thread(s) each: the {len(seeds)} seeds' tokenizer, SFT, pairs and step-0 evaluation first (all done "
+            f"{timings.get('data_stages_s', math.nan) / 60:.1f} min in), and the {len(runs)} preference runs of all "
+            f"seeds from {timings.get('first_run_start_s', math.nan) / 60:.1f} min on, a seed's runs starting as soon "
+            "as its own SFT model and pairs were ready (so a core does not wait while the last seed is in SFT) and its "
+            "TGDPO runs once its DPO guide was saved."
+        )
+    else:
+        stages = (
+            f"{timings.get('data_stages_s', math.nan) / 60:.1f} min for the {len(seeds)} seeds' tokenizer, SFT, pairs "
+            f"and step-0 evaluation, then {timings.get('preference_training_s', math.nan) / 60:.1f} min for the "
+            f"{len(runs)} preference runs of all seeds ({config['workers']} at a time, one process of "
+            f"{config['threads_per_worker']} thread(s) each; a seed's TGDPO runs start once its DPO guide is saved)."
+        )
     out.append(
-        f"Total wall time **{timings.get('total_s', math.nan) / 60:.1f} min** on {env['cpu_count']} cores: "
-        f"{timings.get('data_stages_s', math.nan) / 60:.1f} min for the {len(seeds)} seeds' tokenizer, SFT, pairs and "
-        f"step-0 evaluation ({min(config['workers'], len(seeds))} seeds at a time, one process each with "
-        f"{config['threads_per_worker']} torch thread(s)), then "
-        f"{timings.get('preference_training_s', math.nan) / 60:.1f} min for the {len(runs)} preference runs of all "
-        f"seeds ({config['workers']} at a time, one process of {config['threads_per_worker']} thread(s) each; a seed's "
-        f"TGDPO runs start once its DPO guide is saved). CPU time of all processes "
+        f"Total wall time **{timings.get('total_s', math.nan) / 60:.1f} min** on {env['cpu_count']} cores, "
+        f"{stages} CPU time of all processes "
         f"{(cpu_total or math.nan) / 60:.1f} min, the preference runs {sum(run_cpu) / 60:.1f} of it "
-        f"({sum(run_cpu) / max(1, len(run_cpu)):.0f} s each on average, evaluations included). The cores were shared "
-        f"with other jobs (load average {load[0]:.1f} at the start, {load_end[0]:.1f} at the end), which stretches the "
-        f"wall time: on {config['workers']} free cores it is about CPU time / {config['workers']}.{scale} "
+        f"({sum(run_cpu) / max(1, len(run_cpu)):.0f} s each on average, evaluations included). Load average "
+        f"{load[0]:.1f} at the start and {load_end[0]:.1f} at the end"
+        + (
+            f" (above {env['cpu_count']}: other jobs shared the cores and stretched the wall time; on free cores it is "
+            f"about CPU time / {config['workers']})"
+            if max(load[0], load_end[0]) > env["cpu_count"]
+            else ""
+        )
+        + f".{scale} "
         "`--reuse` re-runs only the preference stage on the saved SFT models and pairs; `--report-only` rewrites this "
         "report from `results.json`."
     )
@@ -1385,6 +1423,27 @@ def write_multiseed_report(results: dict, doc_path: str | Path) -> Path:
         "methods' values."
     )
     out.append(_table(["method", *(f"KL = {b:g}" for b in budgets), "reach (min over seeds)"], rows))
+    half, last = config["max_steps"] // 2, config["max_steps"]
+    reach_rows = []
+    for method in [m for m in config["methods"] if all(m in _methods(r) for r in all_results)]:
+        if method.endswith(("_floor", "_lam")):
+            continue
+        at_half = [_reach_at_step(r, method, half) for r in all_results]
+        at_last = [_reach_at_step(r, method, last) for r in all_results]
+        reach_rows.append(
+            [
+                method_label(method),
+                f"{sum(at_half) / len(at_half):.2f}",
+                f"{sum(at_last) / len(at_last):.2f}",
+                f"{sum(at_last) / max(1e-9, sum(at_half)):.2f}×",
+            ]
+        )
+    out.append(
+        "How far each method's reach grows with training: the largest sequential KL it reached over every β, by "
+        f"step {half} and by step {last} (mean over seeds). A method whose reach has levelled off would not overlap "
+        "the others over a wider KL range with more steps at this learning rate."
+    )
+    out.append(_table(["method", f"reach by step {half}", f"reach by step {last}", "growth"], reach_rows))
 
     stabiliser_rows = _stabiliser_rows(all_results)
     if stabiliser_rows:

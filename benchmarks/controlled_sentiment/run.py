@@ -319,107 +319,126 @@ def _worker_prepare(config, seed_dir: Path, reuse: bool):
     return prepare_seed(config, seed_dir, reuse)
 
 
-def prepare_seeds(config, output_dir: Path, reuse: bool) -> dict[int, tuple[dict, dict, dict]]:
-    """Stages 1-3 for every seed; several seeds are prepared in `config.workers` processes at once (each SFT then uses
-    `threads_per_worker` threads instead of all of them)."""
+def _seed_specs(config, seed: int, manifest: dict, output_dir: Path) -> tuple[list, list[dict]]:
+    """The preference runs of one seed, every (method, β) in the config, and the methods skipped (not importable, or
+    TGDPO without a DPO guide)."""
+    from .pipeline import RunSpec, method_available, method_betas
+
+    seed_config = _seed_config(config, seed)
+    seed_dir = _seed_dir(output_dir, seed_config)
+    config_dict = asdict(seed_config)
+    guidance_dir = seed_dir / "runs" / f"dpo_beta{config.guidance_beta}"
+    specs, skipped = [], []
+    for method in config.methods:
+        available, reason = method_available(method)
+        if not available:
+            skipped.append({"method": method, "error": f"not importable: {reason}", "skipped": True})
+            print(f"      skipping {method}: {reason}")
+            continue
+        for beta in method_betas(method, config):
+            specs.append(
+                RunSpec(
+                    method=method,
+                    beta=beta,
+                    sft_path=manifest["sft_path"],
+                    data_dir=manifest["data_dir"],
+                    output_dir=str(seed_dir / "runs" / f"{method}_beta{beta}"),
+                    config=config_dict,
+                    guidance_path=str(guidance_dir) if method == "tgdpo" else None,
+                    save_model=method == "dpo" and beta == config.guidance_beta,
+                )
+            )
+    if any(spec.method == "tgdpo" for spec in specs) and not any(spec.save_model for spec in specs):
+        skipped += [
+            {"method": "tgdpo", "beta": s.beta, "error": "no DPO guide (dpo not run)"}
+            for s in specs
+            if s.method == "tgdpo"
+        ]
+        specs = [spec for spec in specs if spec.method != "tgdpo"]
+    # The guide first: its seed's TGDPO runs wait for it
+    specs.sort(key=lambda spec: (not spec.save_model, spec.method == "tgdpo"))
+    return specs, skipped
+
+
+def _report_run(spec, result: dict, results: dict[int, list[dict]]) -> None:
+    status = (
+        result.get("error")
+        or f"final reward {result['evals'][-1]['reward']:.3f}, seq KL {result['evals'][-1]['seq_kl']:.2f}"
+    )
+    seed = spec.config["seed"]
+    print(f"      seed {seed} {result['method']:<13} β={result['beta']:<5} {result['wall_time_s']:6.1f} s  {status}")
+    results[seed].append(result)
+
+
+def run_pipeline(config, output_dir: Path, reuse: bool) -> tuple[dict[int, tuple[dict, dict, dict]], dict, dict]:
+    """Stages 1-4 of every seed: `(prepared, runs, timings)`, `prepared[seed] = (manifest, sft_eval, timings)` and
+    `runs[seed]` its preference runs (and skipped methods).
+
+    With several seeds and workers, everything shares one pool of `config.workers` processes of
+    `threads_per_worker` threads: the seeds' SFT and pairs first, and a seed's preference runs as soon as its own SFT
+    model and pairs are ready, so no core waits while the last seed is still in SFT (3 seeds on 2 workers). A seed's
+    TGDPO runs start once its DPO guide is saved. With one seed or one worker, the stages run one after the other
+    (one seed's SFT then uses every thread, in this process)."""
+    timings = {"overlapped": False}
+    start = time.perf_counter()
     seed_configs = [_seed_config(config, seed) for seed in config.seeds]
+    results: dict[int, list[dict]] = {c.seed: [] for c in seed_configs}
+    skipped: dict[int, list[dict]] = {}
     if len(seed_configs) == 1 or config.workers <= 1:
-        return {c.seed: prepare_seed(c, _seed_dir(output_dir, c), reuse) for c in seed_configs}
-    prepared = {}
+        prepared = {c.seed: prepare_seed(c, _seed_dir(output_dir, c), reuse) for c in seed_configs}
+        timings["data_stages_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        specs = []
+        for seed, (manifest, _, _) in prepared.items():
+            seed_specs, skipped[seed] = _seed_specs(config, seed, manifest, output_dir)
+            specs += seed_specs
+        if config.workers <= 1:
+            _worker_init(config.threads_per_worker)
+            for spec in sorted(specs, key=lambda spec: spec.method == "tgdpo"):
+                _report_run(spec, _run_safely(spec), results)
+        else:
+            _run_in_pool(config, [], specs, output_dir, reuse, prepared, results, skipped, timings)
+        timings["preference_training_s"] = time.perf_counter() - start
+        return prepared, {seed: results[seed] + skipped[seed] for seed in results}, timings
+    prepared: dict = {}
+    _run_in_pool(config, seed_configs, [], output_dir, reuse, prepared, results, skipped, timings)
+    timings["overlapped"] = True
+    prepared = {c.seed: prepared[c.seed] for c in seed_configs}  # in seed order, whichever finished first
+    return prepared, {seed: results[seed] + skipped[seed] for seed in results}, timings
+
+
+def _run_in_pool(config, seed_configs, specs, output_dir, reuse, prepared, results, skipped, timings) -> None:
+    """The scheduler of `run_pipeline`: prepares `seed_configs` (their runs join the queue as each finishes) and runs
+    `specs`, in `config.workers` processes. Fills `prepared`, `results`, `skipped` and the stage times."""
+    pool_start = time.perf_counter()
+    queue = [spec for spec in specs if spec.method != "tgdpo"]
+    waiting = [spec for spec in specs if spec.method == "tgdpo"]
+    guide_done: dict[int, bool] = {}
+    first_run_start = None
     with ProcessPoolExecutor(
-        min(config.workers, len(seed_configs)),
+        config.workers,
         mp_context=get_context("spawn"),
         initializer=_worker_init,
         initargs=(config.threads_per_worker,),
     ) as pool:
-        futures = {pool.submit(_worker_prepare, c, _seed_dir(output_dir, c), reuse): c.seed for c in seed_configs}
-        for future in futures:
-            prepared[futures[future]] = future.result()
-    return prepared
-
-
-def run_methods(config, manifests: dict[int, dict], output_dir: Path) -> dict[int, list[dict]]:
-    """Stage 4: every (seed, method, β) run, in `config.workers` processes; a seed's TGDPO runs once its DPO guide is
-    trained. Returns the runs of each seed."""
-    from .pipeline import RunSpec, method_available, method_betas
-
-    specs, skipped = [], {seed: [] for seed in manifests}
-    for seed, manifest in manifests.items():
-        seed_config = _seed_config(config, seed)
-        seed_dir = _seed_dir(output_dir, seed_config)
-        config_dict = asdict(seed_config)
-        guidance_dir = seed_dir / "runs" / f"dpo_beta{config.guidance_beta}"
-        seed_specs = []
-        for method in config.methods:
-            available, reason = method_available(method)
-            if not available:
-                skipped[seed].append({"method": method, "error": f"not importable: {reason}", "skipped": True})
-                print(f"      skipping {method}: {reason}")
-                continue
-            for beta in method_betas(method, config):
-                seed_specs.append(
-                    RunSpec(
-                        method=method,
-                        beta=beta,
-                        sft_path=manifest["sft_path"],
-                        data_dir=manifest["data_dir"],
-                        output_dir=str(seed_dir / "runs" / f"{method}_beta{beta}"),
-                        config=config_dict,
-                        guidance_path=str(guidance_dir) if method == "tgdpo" else None,
-                        save_model=method == "dpo" and beta == config.guidance_beta,
-                    )
-                )
-        if any(spec.method == "tgdpo" for spec in seed_specs) and not any(spec.save_model for spec in seed_specs):
-            skipped[seed] += [
-                {"method": "tgdpo", "beta": s.beta, "error": "no DPO guide (dpo not run)"}
-                for s in seed_specs
-                if s.method == "tgdpo"
-            ]
-            seed_specs = [spec for spec in seed_specs if spec.method != "tgdpo"]
-        specs += seed_specs
-    # The guides first, TGDPO only once its seed's guide is saved; the longest runs (stabilised TBPO last is fine)
-    specs.sort(key=lambda spec: (not spec.save_model, spec.method == "tgdpo"))
-    results: dict[int, list[dict]] = {seed: [] for seed in manifests}
-
-    def seed_of(spec) -> int:
-        return spec.config["seed"]
-
-    def report(spec, result):
-        status = (
-            result.get("error")
-            or f"final reward {result['evals'][-1]['reward']:.3f}, seq KL {result['evals'][-1]['seq_kl']:.2f}"
-        )
-        print(
-            f"      seed {seed_of(spec)} {result['method']:<13} β={result['beta']:<5} {result['wall_time_s']:6.1f} s  "
-            f"{status}"
-        )
-        results[seed_of(spec)].append(result)
-
-    waiting = [spec for spec in specs if spec.method == "tgdpo"]
-    queue = [spec for spec in specs if spec.method != "tgdpo"]
-    guide_done: dict[int, bool] = {}
-    if config.workers <= 1:
-        _worker_init(config.threads_per_worker)
-        for spec in queue + waiting:
-            report(spec, _run_safely(spec))
-        return {seed: results[seed] + skipped[seed] for seed in manifests}
-
-    context = get_context("spawn")
-    with ProcessPoolExecutor(
-        config.workers, mp_context=context, initializer=_worker_init, initargs=(config.threads_per_worker,)
-    ) as pool:
         running = {}
+        # Every seed's preparation is submitted first: the pool runs them before any preference run
+        for seed_config in seed_configs:
+            future = pool.submit(_worker_prepare, seed_config, _seed_dir(output_dir, seed_config), reuse)
+            running[future] = ("prepare", seed_config)
         while queue or waiting or running:
-            ready = [spec for spec in waiting if guide_done.get(seed_of(spec))]
+            ready = [spec for spec in waiting if guide_done.get(spec.config["seed"])]
             if ready:
                 queue += ready
                 waiting = [spec for spec in waiting if spec not in ready]
+            # A run is only submitted to a free worker: a seed prepared meanwhile can still put its guide first
             while queue and len(running) < config.workers:
                 spec = queue.pop(0)
-                running[pool.submit(_run_safely, spec)] = spec
+                first_run_start = first_run_start or time.perf_counter()
+                running[pool.submit(_run_safely, spec)] = ("run", spec)
             if not running:  # only TGDPO left, and its guide failed
                 for spec in waiting:
-                    report(
+                    _report_run(
                         spec,
                         {
                             "method": spec.method,
@@ -427,17 +446,30 @@ def run_methods(config, manifests: dict[int, dict], output_dir: Path) -> dict[in
                             "error": "the DPO guide run failed",
                             "wall_time_s": 0.0,
                         },
+                        results,
                     )
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                spec = running.pop(future)
+                kind, item = running.pop(future)
+                if kind == "prepare":
+                    prepared[item.seed] = future.result()
+                    if len(prepared) == len(seed_configs):
+                        timings["data_stages_s"] = time.perf_counter() - pool_start
+                    seed_specs, skipped[item.seed] = _seed_specs(config, item.seed, prepared[item.seed][0], output_dir)
+                    # The guide goes to the front: its TGDPO runs are the last to become ready
+                    guides = [spec for spec in seed_specs if spec.save_model]
+                    queue = guides + queue + [s for s in seed_specs if not s.save_model and s.method != "tgdpo"]
+                    waiting += [spec for spec in seed_specs if spec.method == "tgdpo"]
+                    continue
                 result = future.result()
-                report(spec, result)
-                if spec.save_model:
+                _report_run(item, result, results)
+                if item.save_model:
                     # On failure TGDPO stays waiting, and is reported as failed once nothing else runs
-                    guide_done[seed_of(spec)] = "error" not in result
-    return {seed: results[seed] + skipped[seed] for seed in manifests}
+                    guide_done[item.config["seed"]] = "error" not in result
+    if first_run_start is not None:
+        timings["preference_training_s"] = time.perf_counter() - first_run_start
+        timings["first_run_start_s"] = first_run_start - pool_start
 
 
 def _replicates(args: argparse.Namespace) -> list[dict]:
@@ -490,13 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     total_start = time.perf_counter()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    start = time.perf_counter()
-    prepared = prepare_seeds(config, output_dir, args.reuse)
-    data_s = time.perf_counter() - start
-
-    start = time.perf_counter()
-    runs = run_methods(config, {seed: manifest for seed, (manifest, _, _) in prepared.items()}, output_dir)
-    training_s = time.perf_counter() - start
+    prepared, runs, stage_timings = run_pipeline(config, output_dir, args.reuse)
 
     environment = {
         "python": platform.python_version(),
@@ -512,7 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_seed = []
     for seed, (manifest, sft_eval, timings) in prepared.items():
         seed_config = _seed_config(config, seed)
-        timings = {**timings, "preference_training_s": training_s, "data_stages_s": data_s}
+        timings = {**timings, **stage_timings}
         timings["per_run_s"] = {f"{r['method']}@{r.get('beta')}": r.get("wall_time_s") for r in runs[seed]}
         per_seed.append(
             {
@@ -535,7 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
             "command": command,
             "config": asdict(config),
             "seeds": per_seed,
-            "timings": {"data_stages_s": data_s, "preference_training_s": training_s},
+            "timings": dict(stage_timings),
             "environment": environment,
         }
 
