@@ -145,3 +145,32 @@ def test_quick_pipeline_end_to_end(tmp_path):
     for figure in ("reproduction_frontier.png", "reproduction_seqkl.png", "reproduction_seqkl_margin.png"):
         assert (output_dir / figure).stat().st_size > 0
         assert figure in text
+
+
+def test_quick_pipeline_over_seeds_in_one_pool(tmp_path):
+    """Two seeds on two workers: both seeds' SFT and every run share one process pool, each seed's TGDPO waits for
+    its own DPO guide, and the report is the one over seeds."""
+    from benchmarks.controlled_sentiment.run import main
+
+    output_dir = tmp_path / "controlled_sentiment"
+    arguments = ["--quick", "--seeds", "0", "1", "--workers", "2", "--methods", "dpo", "tgdpo"]
+    results = main([*arguments, "--output-dir", str(output_dir)])
+
+    assert [seed_results["config"]["seed"] for seed_results in results["seeds"]] == [0, 1]
+    assert results["timings"]["overlapped"]
+    assert 0 < results["timings"]["first_run_start_s"] <= results["timings"]["total_s"]
+    for seed_results in results["seeds"]:
+        seed = seed_results["config"]["seed"]
+        runs = seed_results["runs"]
+        assert sorted(run["method"] for run in runs) == ["dpo", "tgdpo"], runs
+        assert not [run for run in runs if "error" in run], runs
+        # Each seed has its own SFT model, pairs and guide
+        assert seed_results["manifest"]["sft_path"] == str(output_dir / f"seed{seed}" / "sft")
+        (tgdpo,) = [run for run in runs if run["method"] == "tgdpo"]
+        assert (output_dir / f"seed{seed}" / "runs" / "dpo_beta0.1").is_dir()
+        assert tgdpo["evals"][-1]["step"] == seed_results["config"]["max_steps"]
+        assert (output_dir / f"seed{seed}" / "results.json").is_file()
+    # Different seeds give different SFT models, so their step-0 rewards differ
+    assert results["seeds"][0]["sft_eval"]["reward"] != results["seeds"][1]["sft_eval"]["reward"]
+    text = (output_dir / "reproduction.md").read_text()
+    assert "Summary of the verdicts over 2 seeds" in text and "one pool of 2 processes" in text

@@ -295,9 +295,11 @@ def frontier_summary(results: dict) -> dict[str, dict]:
     return summary
 
 
-def compare_frontiers(results: dict, first: str, second: str) -> dict:
-    """Mean difference of two frontiers over the KL range both methods explored, (0, min of their largest KL]."""
-    reach = min(_max_kl(results, first), _max_kl(results, second))
+def compare_frontiers(results: dict, first: str, second: str, reach: float | None = None) -> dict:
+    """Mean difference of two frontiers over 50 equally spaced KL budgets in (0, reach]; by default `reach` is the KL
+    range both methods explored, the smaller of their largest KL."""
+    if reach is None:
+        reach = min(_max_kl(results, first), _max_kl(results, second))
     grid = [reach * (i + 1) / 50 for i in range(50)]
     fa, fb = _frontier(_points(results, first, "seq_kl")), _frontier(_points(results, second, "seq_kl"))
     mean_a = sum(_frontier_at(fa, x) for x in grid) / len(grid)
@@ -1006,12 +1008,6 @@ def _side(low: float, high: float, threshold: float) -> str:
     return "inconclusive"
 
 
-def _frontier_difference(results: dict, first: str, second: str, reach: float) -> float:
-    grid = [reach * (i + 1) / 50 for i in range(50)]
-    fa, fb = _frontier(_points(results, first, "seq_kl")), _frontier(_points(results, second, "seq_kl"))
-    return sum(_frontier_at(fa, x) - _frontier_at(fb, x) for x in grid) / len(grid)
-
-
 def _final(results: dict, method: str, beta: float) -> dict | None:
     run = _run(results, method, beta)
     return run["evals"][-1] if run else None
@@ -1059,7 +1055,7 @@ def assess_claims_over_seeds(all_results: list[dict]) -> list[dict]:
             claims.append({"claim": name, "verdict": "not run", "effect": (math.nan,) * 3, "per_seed": []})
             return
         reach = min(min(_max_kl(r, better), _max_kl(r, worse)) for r in all_results)
-        effects = [_frontier_difference(r, better, worse, reach) for r in all_results]
+        effects = [compare_frontiers(r, better, worse, reach)["difference"] for r in all_results]
         verdict = None
         if reach < MIN_OVERLAP_KL:
             verdict = f"not decidable (overlap {reach:.2f} < {MIN_OVERLAP_KL:g} nat)"
