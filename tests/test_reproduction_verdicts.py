@@ -187,3 +187,27 @@ def test_stabiliser_ratio_is_finite_for_a_run_that_did_not_move():
     found = claim(report.assess_claims_over_seeds(seeds), "the log R floor curbs TBPO-A's drift")
     # Each KL below the floor counts as the floor (0.01 nats): ln(1 / 0.01) at both β
     assert found["per_seed"] == pytest.approx([math.log(1 / report.KL_RATIO_FLOOR)] * 3, abs=1e-12)
+
+
+def test_stabiliser_frontier_claim_uses_the_stabiliser_betas_only():
+    """The plain run at β = 0.5 (outside the stabiliser β) reaches a far better frontier; it must not count."""
+    seeds = []
+    for seed in range(3):
+        runs = {
+            ("tbpo_q", 0.1): [evaluation(100, 2.0, 0.56), evaluation(200, 80.0, 0.80)],
+            ("tbpo_q", 0.5): [evaluation(200, 2.0, 0.95)],
+            ("tbpo_q_floor", 0.1): [evaluation(100, 1.0, 0.62), evaluation(200, 2.0, 0.70 + 0.01 * seed)],
+        }
+        seeds.append(results_of(runs, seed=seed, betas=(0.1, 0.5), stabiliser_betas=(0.1,)))
+    found = claim(report.assess_claims_over_seeds(seeds), "the log R floor's frontier at small β is at least TBPO-Q's")
+    assert "runs at β ∈ {0.1}, KL ∈ (0, 2.00]" in found["scope"]
+    # Hull vertices, written out. Plain at β = 0.1: (0, 0.5), (2, 0.56), (80, 0.8), so 0.5 + 0.03x up to 2 nats;
+    # floored: (0, 0.5), (1, 0.62), (2, 0.70 + 0.01·seed), slopes 0.12 then 0.08 + 0.01·seed
+    for seed, effect in enumerate(found["per_seed"]):
+        total = 0.0
+        for i in range(50):
+            x = 2.0 * (i + 1) / 50
+            floored = 0.5 + 0.12 * x if x <= 1 else 0.62 + (0.08 + 0.01 * seed) * (x - 1)
+            total += floored - (0.5 + 0.03 * x)
+        assert effect == pytest.approx(total / 50, abs=1e-12)
+    assert found["verdict"] == "supported"

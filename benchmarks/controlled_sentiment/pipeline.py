@@ -85,6 +85,10 @@ class ExperimentConfig:
     # The TBPO stabilisers (docs/tbpo_trainer.md): `*_floor` methods set `log_ratio_floor=tbpo_floor`, `*_lam` methods
     # the generator SBA(λ = tbpo_stable_lambda); they run at the β in `stabiliser_betas` only (where TBPO drifts)
     tbpo_floor: float = -0.1
+    # Instead of the one `tbpo_floor`, a variant's floor can scale with β: `-contrast × β`, a bound of `contrast` nats
+    # on each token's contrast ρ^l − ρ^w (log R_t = β[(ρ^l_t − ρ^w_t) + ...], docs/algorithms.md §4); None: `tbpo_floor`
+    tbpo_a_floor_contrast: float | None = None
+    tbpo_q_floor_contrast: float | None = None
     tbpo_stable_lambda: float = -0.5
     stabiliser_betas: tuple[float, ...] = (0.05, 0.1)
     # Parallelism: preference runs in `workers` processes of `threads_per_worker` torch threads each
@@ -178,9 +182,16 @@ def method_available(method: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _trainer_and_config(method: str, config: "ExperimentConfig | None" = None):
-    """The trainer class, config class and method-specific config arguments of `method` (the stabilised TBPO
-    variants read their setting from `config`, the defaults if None)."""
+def tbpo_floor_at(config: "ExperimentConfig", variant: str, beta: float) -> float:
+    """The `log_ratio_floor` of a `{variant}_floor` run at `beta`: `-contrast × β` when the variant has a contrast
+    bound (`tbpo_a_floor_contrast` / `tbpo_q_floor_contrast`), the absolute `tbpo_floor` otherwise."""
+    contrast = getattr(config, f"{variant}_floor_contrast")
+    return config.tbpo_floor if contrast is None else -contrast * beta
+
+
+def _trainer_and_config(method: str, config: "ExperimentConfig | None" = None, beta: float = 0.1):
+    """The trainer class, config class and method-specific config arguments of `method` at `beta` (the stabilised
+    TBPO variants read their setting from `config`, the defaults if None)."""
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -207,7 +218,11 @@ def _trainer_and_config(method: str, config: "ExperimentConfig | None" = None):
         config = config or ExperimentConfig()
         variant, stabiliser = method.rsplit("_", 1)
         if stabiliser == "floor":
-            return TBPOTrainer, TBPOConfig, {"variant": variant, "log_ratio_floor": config.tbpo_floor}
+            return (
+                TBPOTrainer,
+                TBPOConfig,
+                {"variant": variant, "log_ratio_floor": tbpo_floor_at(config, variant, beta)},
+            )
         return TBPOTrainer, TBPOConfig, {"variant": variant, "generator_lambda": config.tbpo_stable_lambda}
     raise ValueError(f"Unknown method {method!r}; expected one of {list(METHOD_LABELS) + list(EXTRA_METHOD_LABELS)}.")
 
@@ -443,7 +458,7 @@ def train_method(spec: RunSpec) -> dict:
     config = config_from_dict(spec.config)
     torch.set_num_threads(config.threads_per_worker)
     start, cpu_start = time.perf_counter(), time.process_time()
-    trainer_class, config_class, method_kwargs = _trainer_and_config(spec.method, config)
+    trainer_class, config_class, method_kwargs = _trainer_and_config(spec.method, config, spec.beta)
     data = datasets.load_from_disk(spec.data_dir)
     tokenizer = AutoTokenizer.from_pretrained(spec.sft_path)
     train_pairs = data["train"].select_columns(["prompt", "chosen", "rejected"])

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from . import language
-from .pipeline import METHOD_LABELS, method_label
+from .pipeline import METHOD_LABELS, config_from_dict, method_label, tbpo_floor_at
 
 
 COLORS = {
@@ -53,11 +53,11 @@ def _evals(results: dict, run: dict) -> list[dict]:
     return [results["sft_eval"], *run["evals"]]
 
 
-def _points(results: dict, method: str, kl_key: str) -> list[tuple[float, float]]:
-    """Every (KL, reward) evaluation of `method`, all β and steps, plus the SFT point."""
+def _points(results: dict, method: str, kl_key: str, betas=None) -> list[tuple[float, float]]:
+    """Every (KL, reward) evaluation of `method`, all β (or those in `betas`) and steps, plus the SFT point."""
     points = [(0.0, results["sft_eval"]["reward"])]
     for run in _ok_runs(results):
-        if run["method"] == method:
+        if run["method"] == method and (betas is None or run["beta"] in betas):
             points += [(e[kl_key], e["reward"]) for e in run["evals"]]
     return points
 
@@ -94,8 +94,20 @@ def _frontier_at(frontier: list[tuple[float, float]], budget: float) -> float:
     return frontier[-1][1]
 
 
-def _max_kl(results: dict, method: str, kl_key: str = "seq_kl") -> float:
-    return max(kl for kl, _ in _points(results, method, kl_key))
+def _max_kl(results: dict, method: str, kl_key: str = "seq_kl", betas=None) -> float:
+    return max(kl for kl, _ in _points(results, method, kl_key, betas))
+
+
+def _floor_settings(config: dict) -> str:
+    """The `log_ratio_floor` of each `*_floor` method in the config, in words."""
+    parts = []
+    for variant in ("tbpo_a", "tbpo_q"):
+        if f"{variant}_floor" not in config["methods"]:
+            continue
+        contrast = config.get(f"{variant}_floor_contrast")
+        value = f"−{contrast:g}β" if contrast is not None else f"{config.get('tbpo_floor'):g}"
+        parts.append(f"{METHOD_LABELS[variant]} {value}")
+    return ", ".join(parts)
 
 
 def _reach_at_step(results: dict, method: str, step: int) -> float:
@@ -295,13 +307,14 @@ def frontier_summary(results: dict) -> dict[str, dict]:
     return summary
 
 
-def compare_frontiers(results: dict, first: str, second: str, reach: float | None = None) -> dict:
-    """Mean difference of two frontiers over 50 equally spaced KL budgets in (0, reach]; by default `reach` is the KL
-    range both methods explored, the smaller of their largest KL."""
+def compare_frontiers(results: dict, first: str, second: str, reach: float | None = None, betas=None) -> dict:
+    """Mean difference of two frontiers (of the runs at `betas`, all by default) over 50 equally spaced KL budgets in
+    (0, reach]; by default `reach` is the KL range both methods explored, the smaller of their largest KL."""
     if reach is None:
-        reach = min(_max_kl(results, first), _max_kl(results, second))
+        reach = min(_max_kl(results, first, betas=betas), _max_kl(results, second, betas=betas))
     grid = [reach * (i + 1) / 50 for i in range(50)]
-    fa, fb = _frontier(_points(results, first, "seq_kl")), _frontier(_points(results, second, "seq_kl"))
+    fa = _frontier(_points(results, first, "seq_kl", betas))
+    fb = _frontier(_points(results, second, "seq_kl", betas))
     mean_a = sum(_frontier_at(fa, x) for x in grid) / len(grid)
     mean_b = sum(_frontier_at(fb, x) for x in grid) / len(grid)
     at = [(x, _frontier_at(fa, x), _frontier_at(fb, x)) for x in (reach / 4, reach / 2, reach)]
@@ -696,9 +709,9 @@ def _setup_section(results: dict, out: list[str], figures: dict, num_samples: in
                 + "; TBPO with its defaults (SBA generator, λ = 0, s = 4; TBPO-Q's baseline head of width 1024 at lr "
                 "1e-3)"
                 + (
-                    f", and with the stabiliser `log_ratio_floor = {config.get('tbpo_floor')}` (the `+ log R floor` "
-                    f"runs) at β ∈ {{{', '.join(str(b) for b in config.get('stabiliser_betas', []))}}}, where the "
-                    "plain TBPO runs too"
+                    f", and with the stabiliser `log_ratio_floor` (the `+ log R floor` runs: {_floor_settings(config)}) "
+                    f"at β ∈ {{{', '.join(str(b) for b in config.get('stabiliser_betas', []))}}}, where the plain TBPO "
+                    "runs too"
                     if any(m.endswith("_floor") for m in config["methods"])
                     else ""
                 )
@@ -964,6 +977,10 @@ from the numbers by them:
   the claim is **not decidable** at this scale. The claim is thus only tested over (0, K], which the table states.
 - **"At least as well as"** (TGDPO vs DPO): the same effect; supported when the interval lies above
   −{NON_INFERIORITY_MARGIN:g} (non-inferiority margin), contradicted when it lies below it.
+- **The stabiliser at equal KL** (added after the first 3-seed run of the default command, in which the plain TBPO
+  runs gained final reward by drifting and no longer ending their completions, so that "final reward at the same β"
+  favours the drift; first tested on new seeds): the frontier effect above, over the runs at the stabiliser β only,
+  stabilised minus plain, with the non-inferiority margin.
 - **DPO's rejected-side KL grows much faster**: effect = the ratio of the least-squares slopes (rejected / chosen) of
   the held-out-pair sequential KL over training, averaged over β. Supported when the interval lies above 1.5 ("much
   faster"), partly supported when above 1 only, contradicted when below 1.
@@ -1050,22 +1067,25 @@ def assess_claims_over_seeds(all_results: list[dict]) -> list[dict]:
             }
         )
 
-    def frontier_claim(name, better, worse, threshold=0.0):
+    def frontier_claim(name, better, worse, threshold=0.0, betas=None):
         if not (done(better) and done(worse)):
             claims.append({"claim": name, "verdict": "not run", "effect": (math.nan,) * 3, "per_seed": []})
             return
-        reach = min(min(_max_kl(r, better), _max_kl(r, worse)) for r in all_results)
-        effects = [compare_frontiers(r, better, worse, reach)["difference"] for r in all_results]
+        reach = min(min(_max_kl(r, better, betas=betas), _max_kl(r, worse, betas=betas)) for r in all_results)
+        effects = [compare_frontiers(r, better, worse, reach, betas)["difference"] for r in all_results]
         verdict = None
         if reach < MIN_OVERLAP_KL:
             verdict = f"not decidable (overlap {reach:.2f} < {MIN_OVERLAP_KL:g} nat)"
-        reaches = ", ".join(f"{_max_kl(r, better):.1f} vs {_max_kl(r, worse):.1f}" for r in all_results)
+        reaches = ", ".join(
+            f"{_max_kl(r, better, betas=betas):.1f} vs {_max_kl(r, worse, betas=betas):.1f}" for r in all_results
+        )
+        runs = "" if betas is None else f"runs at β ∈ {{{', '.join(str(b) for b in betas)}}}, "
         add(
             name,
             effects,
             threshold,
             verdict,
-            scope=f"KL ∈ (0, {reach:.2f}] nats (largest KL per seed: {reaches})",
+            scope=f"{runs}KL ∈ (0, {reach:.2f}] nats (largest KL per seed: {reaches})",
             unit="mean frontier reward difference",
         )
 
@@ -1225,6 +1245,19 @@ def assess_claims_over_seeds(all_results: list[dict]) -> list[dict]:
                 digits=2,
                 extra=f"reward stabilised − plain {_fmt_interval(*_interval(reward_effects))}",
             )
+    # Added after the 3-seed default run (whose plain TBPO runs won reward by not ending their completions): the
+    # stabiliser judged at equal KL, by the frontier of the runs at the stabiliser β only
+    for plain in ("tbpo_q", "tbpo_a"):
+        stable = f"{plain}_floor"
+        if done(plain) and done(stable) and stabiliser_betas:
+            frontier_claim(
+                f"the log R floor's frontier at small β is at least {METHOD_LABELS[plain]}'s (reward at equal KL; rule "
+                "added after the first 3-seed run)",
+                stable,
+                plain,
+                threshold=-NON_INFERIORITY_MARGIN,
+                betas=stabiliser_betas,
+            )
     return claims
 
 
@@ -1246,7 +1279,12 @@ def _stabiliser_rows(all_results: list[dict]) -> list[list[str]]:
                 ]
                 setting = {
                     variant: "none (paper default)",
-                    f"{variant}_floor": f"log_ratio_floor = {config['tbpo_floor']:g}",
+                    f"{variant}_floor": f"log_ratio_floor = {tbpo_floor_at(config_from_dict(config), variant, beta):g}"
+                    + (
+                        f" (−{config[f'{variant}_floor_contrast']:g}β)"
+                        if config.get(f"{variant}_floor_contrast") is not None
+                        else ""
+                    ),
                     f"{variant}_lam": f"generator_lambda = {config['tbpo_stable_lambda']:g}",
                 }[method]
 

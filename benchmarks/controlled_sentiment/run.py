@@ -63,6 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stabiliser-betas", nargs="+", type=float, default=None, help="β of the stabilised TBPO runs."
     )
     parser.add_argument("--tbpo-floor", type=float, default=None, help="log_ratio_floor of the *_floor TBPO runs.")
+    for variant in ("a", "q"):
+        parser.add_argument(
+            f"--tbpo-{variant}-floor-contrast",
+            type=float,
+            default=None,
+            metavar="NATS",
+            help=f"Instead of --tbpo-floor, the tbpo_{variant}_floor runs use log_ratio_floor = -NATS x beta (a bound of "
+            "NATS on each token's log-ratio contrast).",
+        )
     parser.add_argument(
         "--tbpo-stable-lambda", type=float, default=None, help="SBA generator λ of the *_lam TBPO runs."
     )
@@ -108,6 +117,8 @@ def _config_from_args(args: argparse.Namespace):
         "seeds": (args.seed,) if args.seed is not None else (tuple(args.seeds) if args.seeds else None),
         "stabiliser_betas": tuple(args.stabiliser_betas) if args.stabiliser_betas else None,
         "tbpo_floor": args.tbpo_floor,
+        "tbpo_a_floor_contrast": args.tbpo_a_floor_contrast,
+        "tbpo_q_floor_contrast": args.tbpo_q_floor_contrast,
         "tbpo_stable_lambda": args.tbpo_stable_lambda,
         "methods": tuple(args.methods) if args.methods else None,
         "betas": tuple(args.betas) if args.betas else None,
