@@ -1068,8 +1068,7 @@ def assess_claims_over_seeds(all_results: list[dict]) -> list[dict]:
         )
 
     def frontier_claim(name, better, worse, threshold=0.0, betas=None):
-        if not (done(better) and done(worse)):
-            claims.append({"claim": name, "verdict": "not run", "effect": (math.nan,) * 3, "per_seed": []})
+        if not (done(better) and done(worse)):  # a run of a subset of the methods: as every other claim, not listed
             return
         reach = min(min(_max_kl(r, better, betas=betas), _max_kl(r, worse, betas=betas)) for r in all_results)
         effects = [compare_frontiers(r, better, worse, reach, betas)["difference"] for r in all_results]
@@ -1383,6 +1382,7 @@ def write_multiseed_report(results: dict, doc_path: str | Path) -> Path:
     out.append(
         _table(["claim", "verdict", "effect: mean [95% CI]", "effect measured as", "tested over", "per seed"], rows)
     )
+    out += [f"**Note.** {note}" for note in results.get("notes", [])]
 
     out.append("## Command")
     out.append(f"```bash\n{results['command']}\n```")
@@ -1398,15 +1398,16 @@ def write_multiseed_report(results: dict, doc_path: str | Path) -> Path:
             f"thread(s) each: the {len(seeds)} seeds' tokenizer, SFT, pairs and step-0 evaluation first (all done "
             f"{timings.get('data_stages_s', math.nan) / 60:.1f} min in), and the {len(runs)} preference runs of all "
             f"seeds from {timings.get('first_run_start_s', math.nan) / 60:.1f} min on, a seed's runs starting as soon "
-            "as its own SFT model and pairs were ready (so a core does not wait while the last seed is in SFT) and its "
-            "TGDPO runs once its DPO guide was saved."
+            "as its own SFT model and pairs were ready (so a core does not wait while the last seed is in SFT)"
+            + (" and its TGDPO runs once its DPO guide was saved." if "tgdpo" in config["methods"] else ".")
         )
     else:
         stages = (
             f"{timings.get('data_stages_s', math.nan) / 60:.1f} min for the {len(seeds)} seeds' tokenizer, SFT, pairs "
             f"and step-0 evaluation, then {timings.get('preference_training_s', math.nan) / 60:.1f} min for the "
             f"{len(runs)} preference runs of all seeds ({config['workers']} at a time, one process of "
-            f"{config['threads_per_worker']} thread(s) each; a seed's TGDPO runs start once its DPO guide is saved)."
+            f"{config['threads_per_worker']} thread(s) each"
+            + ("; a seed's TGDPO runs start once its DPO guide is saved)." if "tgdpo" in config["methods"] else ").")
         )
     out.append(
         f"Total wall time **{timings.get('total_s', math.nan) / 60:.1f} min** on {env['cpu_count']} cores, "

@@ -102,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="A sentence the report prints next to the wall time (e.g. why this run is smaller than the default).",
     )
     parser.add_argument(
+        "--note",
+        action="append",
+        default=None,
+        help="A paragraph the report prints under its summary table (repeatable), e.g. a pointer to a follow-up run. "
+        "With --report-only it is added to results.json, so later reports keep it.",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="Rewrite the report from OUTPUT_DIR/results.json without running anything (the recorded command is kept).",
@@ -526,6 +533,9 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m benchmarks.controlled_sentiment.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.report_only:
         results = json.loads((output_dir / "results.json").read_text())
+        if args.note:
+            results["notes"] = [*results.get("notes", []), *args.note]
+            (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
         if args.doc is None and results["config"]["quick"]:
             doc_path = output_dir / "reproduction.md"
         print(f"Report rewritten to {_write_reports(results, doc_path, _replicates(args))}")
@@ -576,6 +586,8 @@ def main(argv: list[str] | None = None) -> dict:
             "environment": environment,
         }
 
+    if args.note:
+        results["notes"] = list(args.note)
     start = time.perf_counter()
     results["timings"]["total_s"] = time.perf_counter() - total_start
     results["timings"]["cpu_total_s"] = _cpu_time_of_all_processes()
