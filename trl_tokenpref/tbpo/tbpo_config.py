@@ -52,10 +52,12 @@ class TBPOConfig(TokenLevelDPOConfig):
             is already below `e^f` stops pushing (zero gradient), as BPO clips R from below. The paper's default
             generator SBA(λ = 0) never saturates (`∂ℓ/∂log R = (1 + R)/s ≥ 1/s`), and a per-token `log R_t` is about
             1/T of DPO's sequence margin, so at small β (≤ 0.1) every token keeps pushing and TBPO (TBPO-Q above all,
-            whose state term does not anchor the policy to `π_ref`) drifts far from the reference. Set it when
-            training at small β or for many steps; the floor must sit where `log R_t` actually goes (`log_R/mean`,
-            and `log_R/frac_at_floor` once set): −0.1 at β ∈ {0.05, 0.1} in the package's measurements, whereas
-            BPO's `log(0.01)` never binds there. `None` (default) keeps the official loss exactly.
+            whose state term does not anchor the policy to `π_ref`) drifts far from the reference. Since
+            `log R_t = β[(ρ^l_t − ρ^w_t) + …]`, `f = −c·β` bounds each token's contrast by `c` nats. Measured
+            (docs/tbpo_trainer.md): TBPO-Q at β ≤ 0.1 with `f = −β` stayed within 1.6–3.5 nats of the reference over
+            three new seeds where the official loss drifted 49–259; TBPO-A needs it less (`−3β` if it drifts). BPO's
+            `log(0.01)` never binds at these β. Check `log_R/frac_at_floor`. `None` (default) keeps the official loss
+            exactly.
         token_level (`bool`, *optional*, defaults to `True`):
             Whether to match the ratio per token. `False` gives sequence-level BPO
             ([BPO](https://huggingface.co/papers/2505.19601)): one macro-token per response,
@@ -126,7 +128,8 @@ class TBPOConfig(TokenLevelDPOConfig):
         default=None,
         metadata={
             "help": "Lower bound f < 0 on log R_t (clamped to [f, log_ratio_clamp], zero gradient below), as BPO "
-            "clips R from below: stops the drift of TBPO (TBPO-Q above all) at small beta (e.g. -0.1 at beta <= 0.1). "
+            "clips R from below: stops the drift of TBPO (TBPO-Q above all) at small beta. f = -c*beta bounds each "
+            "token's contrast by c nats: -beta measured for TBPO-Q at beta <= 0.1, -3*beta for TBPO-A if it drifts. "
             "None: the official loss."
         },
     )
