@@ -13,7 +13,8 @@ gradients with the trainer's own `compute_loss`:
    policy: `compute_loss(trainer.model, batch)` is the call `training_step` makes. Then once with the full batch on
    both ranks, and once with each rank's half.
 
-It writes, per rank, what the test checks to `OUTPUT_DIR/rank{rank}.json`.
+It writes, per rank, what the test checks to `OUTPUT_DIR/rank{rank}.json`, with, for the reference-cache case, the
+cache columns the two ranks' precompute gave.
 """
 
 import argparse
@@ -32,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.models import prepare_fsdp
 
 from trl_tokenpref import TBPOConfig, TBPOTrainer, TDPOConfig, TDPOTrainer, TGDPOConfig, TGDPOTrainer
+from trl_tokenpref.precompute import REF_CACHE_COLUMNS
 
 
 NUM_PAIRS = 4  # the full batch; each of the 2 ranks takes half of it
@@ -173,6 +175,10 @@ def run_case(case: str, paths: argparse.Namespace) -> dict:
     loss, grads, metrics = loss_and_grads(trainer, full_batch)
     _, half_grads, _ = loss_and_grads(trainer, half_batch)
     report = {"sharding": shard(trainer)}
+    if case == "tdpo2_cached":
+        # The cache as this rank holds it after the precompute that both ranks ran together (each scored part of the
+        # rows, then gathered): the test compares it with a one-process precompute
+        report["reference_cache"] = {column: list(trainer.train_dataset[column]) for column in REF_CACHE_COLUMNS}
     same_loss, same_grads, same_metrics = loss_and_grads(trainer, full_batch)
     split_loss, split_grads, split_metrics = loss_and_grads(trainer, half_batch)
 

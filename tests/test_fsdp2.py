@@ -54,15 +54,27 @@ def perturbed_copy(source: str, target: Path, seed: int, scale: float, lm_head_o
 
 
 @pytest.fixture(scope="module")
-def fsdp2_results(tiny_model_path, default_dataset, tmp_path_factory) -> list[dict]:
+def fsdp2_inputs(tiny_model_path, default_dataset, tmp_path_factory) -> dict[str, str]:
+    """The worker's models and dataset: the policy moved away from the reference (ρ_t and the KL gradient non-zero), a
+    guidance model that is not the reference (token rewards non-zero), 8 pairs on disk."""
+    tmp_path = tmp_path_factory.mktemp("fsdp2")
+    default_dataset["train"].select(range(8)).save_to_disk(str(tmp_path / "data"))
+    return {
+        "policy": perturbed_copy(tiny_model_path, tmp_path / "policy", seed=1, scale=0.05),
+        "reference": tiny_model_path,
+        "guidance": perturbed_copy(tiny_model_path, tmp_path / "guidance", seed=2, scale=0.1, lm_head_only=True),
+        "dataset": str(tmp_path / "data"),
+        "tmp_path": str(tmp_path),
+    }
+
+
+@pytest.fixture(scope="module")
+def fsdp2_results(fsdp2_inputs) -> list[dict]:
     """One torchrun launch for every trainer (the interpreter start and imports dominate the cost); returns each
     rank's results."""
-    tmp_path = tmp_path_factory.mktemp("fsdp2")
-    # The policy moved away from the reference (ρ_t and the KL gradient non-zero); a guidance model that is not the
-    # reference (token rewards non-zero)
-    policy = perturbed_copy(tiny_model_path, tmp_path / "policy", seed=1, scale=0.05)
-    guidance = perturbed_copy(tiny_model_path, tmp_path / "guidance", seed=2, scale=0.1, lm_head_only=True)
-    default_dataset["train"].select(range(8)).save_to_disk(str(tmp_path / "data"))
+    tmp_path = Path(fsdp2_inputs["tmp_path"])
+    policy, guidance = fsdp2_inputs["policy"], fsdp2_inputs["guidance"]
+    tiny_model_path = fsdp2_inputs["reference"]
     output_dir = tmp_path / "out"
     output_dir.mkdir()
 
@@ -131,3 +143,52 @@ def test_fsdp2_split_batch_matches_full_batch(fsdp2_results, case, rank):
     assert result["metrics_split"].keys() == expected.keys()
     for key, value in expected.items():
         assert result["metrics_split"][key] == pytest.approx(value, rel=SPLIT_RTOL, abs=1e-7), key
+
+
+@pytest.mark.distributed
+def test_fsdp2_reference_cache_equals_one_process_precompute(fsdp2_results, fsdp2_inputs):
+    """The reference cache that two processes computed together (each scoring part of the rows, then gathered) is, on
+    both ranks, the cache one process computes alone: same top-k ids, and log-probs equal to float32 rounding (the
+    fused pass works in float32, and the padding of each batch differs with the rows it holds)."""
+    from datasets import Dataset, load_from_disk
+    from transformers import AutoTokenizer
+
+    from trl_tokenpref import TDPOConfig, TDPOTrainer
+    from trl_tokenpref.precompute import REF_CACHE_COLUMNS, REF_TOPK_IDS_COLUMNS
+
+    # In memory, so that this precompute runs instead of reading the cache file the two processes wrote next to it
+    pairs = Dataset.from_list(list(load_from_disk(fsdp2_inputs["dataset"])))
+    args = TDPOConfig(
+        output_dir=str(Path(fsdp2_inputs["tmp_path"]) / "one_process"),
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        variant="tdpo2",
+        alpha=0.5,
+        precompute_ref_log_probs=True,
+        ref_top_k=8,
+    )
+    trainer = TDPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(fsdp2_inputs["policy"], dtype=torch.float64),
+        ref_model=AutoModelForCausalLM.from_pretrained(fsdp2_inputs["reference"], dtype=torch.float64),
+        args=args,
+        train_dataset=pairs,
+        processing_class=AutoTokenizer.from_pretrained(fsdp2_inputs["reference"]),
+    )
+    for rank in (0, 1):
+        cache = fsdp2_results[rank]["tdpo2_cached"]["reference_cache"]
+        for column in REF_CACHE_COLUMNS:
+            expected = list(trainer.train_dataset[column])
+            assert len(cache[column]) == len(expected) == len(pairs), column
+            for row, (got, want) in enumerate(zip(cache[column], expected)):
+                if column in REF_TOPK_IDS_COLUMNS:
+                    assert got == want, (rank, column, row)
+                    continue
+                got, want = torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64)
+                assert got.shape == want.shape, (rank, column, row)
+                finite = torch.isfinite(want)
+                assert torch.equal(finite, torch.isfinite(got)), (rank, column, row)  # -inf: K is the whole vocabulary
+                # A few float32 ulps of the log-probs' magnitude (measured: bitwise equal on the development machine)
+                tolerance = 8 * torch.finfo(torch.float32).eps * want[finite].abs().max().clamp(min=1.0).item()
+                assert (got[finite] - want[finite]).abs().max().item() <= tolerance, (rank, column, row)
