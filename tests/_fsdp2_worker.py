@@ -27,7 +27,7 @@ import torch.distributed as dist
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from datasets import load_from_disk
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.models import prepare_fsdp
@@ -43,6 +43,9 @@ CASES = {
     "tbpo_a": (TBPOTrainer, TBPOConfig, {"variant": "tbpo_a"}),
     "tbpo_q": (TBPOTrainer, TBPOConfig, {"variant": "tbpo_q", "baseline_hidden_size": 16}),
     "tgdpo": (TGDPOTrainer, TGDPOConfig, {"alpha": 0.5}),
+    # The policy's LM head hand-wrapped as its own FSDP unit (not accelerate's layout): the fused pass reads its weight
+    # without calling its forward, so FSDP never gathers it nor reduces its gradient; the pass must average it
+    "tdpo2_head_unit": (TDPOTrainer, TDPOConfig, {"variant": "tdpo2", "alpha": 0.5}),
     # The reference cache: the reference ran once at init; the step runs the (sharded) policy only
     "tdpo2_cached": (
         TDPOTrainer,
@@ -119,8 +122,9 @@ def loss_and_grads(trainer, batch) -> tuple[float, dict[str, torch.Tensor], dict
     return loss.item(), grads, metrics
 
 
-def shard(trainer) -> dict[str, dict]:
-    """Shard the policy, the reference and the guidance model as an FSDP2 run through accelerate does; return, per
+def shard(trainer, case: str) -> dict[str, dict]:
+    """Shard the policy, the reference and the guidance model as an FSDP2 run through accelerate does (the
+    `tdpo2_head_unit` case: the policy by hand, each decoder layer, the LM head alone, then the root); return, per
     model, its FSDP units and how its parameters ended up."""
     environ = dict(os.environ)  # the plugin exports its options as FSDP_* variables: keep them to this call
     # TRL's accelerate_configs/fsdp2.yaml, without bf16 (float64 keeps the comparison's tolerance derived)
@@ -134,7 +138,13 @@ def shard(trainer) -> dict[str, dict]:
     state = trainer.accelerator.state
     previous_plugin, state.fsdp_plugin = getattr(state, "fsdp_plugin", None), plugin
     try:
-        policy = fsdp2_prepare_model(trainer.accelerator, trainer.model)
+        if case == "tdpo2_head_unit":
+            for layer in trainer.model.model.layers:
+                fully_shard(layer)
+            fully_shard(trainer.model.lm_head)
+            policy = fully_shard(trainer.model)
+        else:
+            policy = fsdp2_prepare_model(trainer.accelerator, trainer.model)
         reference = prepare_fsdp(trainer.ref_model, trainer.accelerator)
         guidance = getattr(trainer, "guidance_model", None)
         if guidance is not None:
@@ -174,7 +184,7 @@ def run_case(case: str, paths: argparse.Namespace) -> dict:
 
     loss, grads, metrics = loss_and_grads(trainer, full_batch)
     _, half_grads, _ = loss_and_grads(trainer, half_batch)
-    report = {"sharding": shard(trainer)}
+    report = {"sharding": shard(trainer, case)}
     if case == "tdpo2_cached":
         # The cache as this rank holds it after the precompute that both ranks ran together (each scored part of the
         # rows, then gathered): the test compares it with a one-process precompute

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial
 from transformers.utils import ModelOutput
 
 from ._compat import maybe_gather_lm_head_ctx
@@ -57,6 +57,12 @@ def _vocab_tile_size(vocab_size: int, device: torch.device | str) -> int:
     if torch.device(device).type == "cpu":
         return max(1, min(vocab_size, CPU_VOCAB_TILE))
     return max(1, vocab_size)
+
+
+def _gather_averaging_gradient(param: DTensor) -> torch.Tensor:
+    """The full tensor of a sharded parameter; its gradient is averaged across the mesh on the way back (each rank's
+    gradient counts as one data-parallel share, `Partial("avg")`), instead of each rank keeping its own for its shard."""
+    return param.full_tensor(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
 
 
 def default_token_chunk_size(vocab_size: int, device: torch.device | str) -> int:
@@ -639,10 +645,15 @@ def compute_token_stats(
         # never returns a gradient for its reference inputs.
         ref_lm_head = lm_head
     weight = lm_head.weight
-    # FSDP2 shards parameters as DTensors, while the backbone returns plain tensors: gather the head once
+    # FSDP2 shards parameters as DTensors, while the backbone returns plain tensors: gather the head once. It is still
+    # sharded here only when FSDP did not gather it, i.e. when the head is an FSDP unit of its own (accelerate's layout
+    # puts it with the final norm, whose forward runs and gathers both): the pass reads the weight without calling the
+    # head's forward, so FSDP never reduces its gradient either. `Partial("avg")` makes the gather's backward average
+    # each rank's gradient across the mesh, as FSDP's reduce-scatter does for every other parameter.
     if isinstance(weight, DTensor):
         lm_head = lm_head._replace(
-            weight=weight.full_tensor(), bias=None if lm_head.bias is None else lm_head.bias.full_tensor()
+            weight=_gather_averaging_gradient(weight),
+            bias=None if lm_head.bias is None else _gather_averaging_gradient(lm_head.bias),
         )
     if ref_lm_head is not None and isinstance(ref_lm_head.weight, DTensor):
         # Detached: the reference is a constant, and DPOTrainer leaves its parameters with `requires_grad=True`, so a
