@@ -395,44 +395,51 @@ def run_pipeline(config, output_dir: Path, reuse: bool) -> tuple[dict[int, tuple
     With several seeds and workers, everything shares one pool of `config.workers` processes of
     `threads_per_worker` threads: the seeds' SFT and pairs first, and a seed's preference runs as soon as its own SFT
     model and pairs are ready, so no core waits while the last seed is still in SFT (3 seeds on 2 workers). A seed's
-    TGDPO runs start once its DPO guide is saved. With one seed or one worker, the stages run one after the other
-    (one seed's SFT then uses every thread, in this process)."""
-    timings = {"overlapped": False}
-    start = time.perf_counter()
+    TGDPO runs start once its DPO guide is saved. With one seed or one worker, the seeds are prepared first, in this
+    process (one seed's SFT then uses every thread)."""
     seed_configs = [_seed_config(config, seed) for seed in config.seeds]
+    overlapped = len(seed_configs) > 1 and config.workers > 1
+    start = time.perf_counter()
+    prepared = {} if overlapped else {c.seed: prepare_seed(c, _seed_dir(output_dir, c), reuse) for c in seed_configs}
+    timings = {"overlapped": overlapped, "data_stages_s": time.perf_counter() - start}
     results: dict[int, list[dict]] = {c.seed: [] for c in seed_configs}
     skipped: dict[int, list[dict]] = {}
-    if len(seed_configs) == 1 or config.workers <= 1:
-        prepared = {c.seed: prepare_seed(c, _seed_dir(output_dir, c), reuse) for c in seed_configs}
-        timings["data_stages_s"] = time.perf_counter() - start
+    if config.workers > 1:
+        _run_in_pool(
+            config, seed_configs if overlapped else [], output_dir, reuse, prepared, results, skipped, timings
+        )
+    else:
         start = time.perf_counter()
-        specs = []
+        _worker_init(config.threads_per_worker)
         for seed, (manifest, _, _) in prepared.items():
-            seed_specs, skipped[seed] = _seed_specs(config, seed, manifest, output_dir)
-            specs += seed_specs
-        if config.workers <= 1:
-            _worker_init(config.threads_per_worker)
-            for spec in sorted(specs, key=lambda spec: spec.method == "tgdpo"):
+            specs, skipped[seed] = _seed_specs(config, seed, manifest, output_dir)
+            for spec in specs:  # the guide first, TGDPO last (`_seed_specs`)
                 _report_run(spec, _run_safely(spec), results)
-        else:
-            _run_in_pool(config, [], specs, output_dir, reuse, prepared, results, skipped, timings)
         timings["preference_training_s"] = time.perf_counter() - start
-        return prepared, {seed: results[seed] + skipped[seed] for seed in results}, timings
-    prepared: dict = {}
-    _run_in_pool(config, seed_configs, [], output_dir, reuse, prepared, results, skipped, timings)
-    timings["overlapped"] = True
     prepared = {c.seed: prepared[c.seed] for c in seed_configs}  # in seed order, whichever finished first
     return prepared, {seed: results[seed] + skipped[seed] for seed in results}, timings
 
 
-def _run_in_pool(config, seed_configs, specs, output_dir, reuse, prepared, results, skipped, timings) -> None:
-    """The scheduler of `run_pipeline`: prepares `seed_configs` (their runs join the queue as each finishes) and runs
-    `specs`, in `config.workers` processes. Fills `prepared`, `results`, `skipped` and the stage times."""
+def _run_in_pool(config, to_prepare, output_dir, reuse, prepared, results, skipped, timings) -> None:
+    """The scheduler of `run_pipeline`, in `config.workers` processes: prepares the seeds of `to_prepare` and runs
+    every seed's preference runs, those of `prepared` at once, those of a seed being prepared once it is. Fills
+    `prepared`, `results`, `skipped` and the stage times."""
     pool_start = time.perf_counter()
-    queue = [spec for spec in specs if spec.method != "tgdpo"]
-    waiting = [spec for spec in specs if spec.method == "tgdpo"]
+    queue, waiting = [], []  # runs ready to start; TGDPO runs waiting for their seed's guide
     guide_done: dict[int, bool] = {}
     first_run_start = None
+
+    def enqueue(seed: int, manifest: dict) -> None:
+        nonlocal queue
+        specs, skipped[seed] = _seed_specs(config, seed, manifest, output_dir)
+        # The guide goes to the front: its TGDPO runs are the last to become ready
+        queue = (
+            [s for s in specs if s.save_model] + queue + [s for s in specs if not s.save_model and s.method != "tgdpo"]
+        )
+        waiting.extend(spec for spec in specs if spec.method == "tgdpo")
+
+    for seed, (manifest, _, _) in prepared.items():
+        enqueue(seed, manifest)
     with ProcessPoolExecutor(
         config.workers,
         mp_context=get_context("spawn"),
@@ -441,7 +448,7 @@ def _run_in_pool(config, seed_configs, specs, output_dir, reuse, prepared, resul
     ) as pool:
         running = {}
         # Every seed's preparation is submitted first: the pool runs them before any preference run
-        for seed_config in seed_configs:
+        for seed_config in to_prepare:
             future = pool.submit(_worker_prepare, seed_config, _seed_dir(output_dir, seed_config), reuse)
             running[future] = ("prepare", seed_config)
         while queue or waiting or running:
@@ -456,29 +463,17 @@ def _run_in_pool(config, seed_configs, specs, output_dir, reuse, prepared, resul
                 running[pool.submit(_run_safely, spec)] = ("run", spec)
             if not running:  # only TGDPO left, and its guide failed
                 for spec in waiting:
-                    _report_run(
-                        spec,
-                        {
-                            "method": spec.method,
-                            "beta": spec.beta,
-                            "error": "the DPO guide run failed",
-                            "wall_time_s": 0.0,
-                        },
-                        results,
-                    )
+                    failed = {"method": spec.method, "beta": spec.beta, "error": "the DPO guide run failed"}
+                    _report_run(spec, {**failed, "wall_time_s": 0.0}, results)
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 kind, item = running.pop(future)
                 if kind == "prepare":
                     prepared[item.seed] = future.result()
-                    if len(prepared) == len(seed_configs):
+                    if len(prepared) == len(to_prepare):
                         timings["data_stages_s"] = time.perf_counter() - pool_start
-                    seed_specs, skipped[item.seed] = _seed_specs(config, item.seed, prepared[item.seed][0], output_dir)
-                    # The guide goes to the front: its TGDPO runs are the last to become ready
-                    guides = [spec for spec in seed_specs if spec.save_model]
-                    queue = guides + queue + [s for s in seed_specs if not s.save_model and s.method != "tgdpo"]
-                    waiting += [spec for spec in seed_specs if spec.method == "tgdpo"]
+                    enqueue(item.seed, prepared[item.seed][0])
                     continue
                 result = future.result()
                 _report_run(item, result, results)
