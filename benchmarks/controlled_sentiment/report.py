@@ -98,16 +98,28 @@ def _max_kl(results: dict, method: str, kl_key: str = "seq_kl", betas=None) -> f
     return max(kl for kl, _ in _points(results, method, kl_key, betas))
 
 
+def _floor_text(config: dict, variant: str, beta: float | None = None) -> str:
+    """The `log_ratio_floor` of `{variant}_floor` runs, in words: `-cβ` when it scales with β (with its value at
+    `beta`, if given), else the one absolute floor."""
+    contrast = config.get(f"{variant}_floor_contrast")
+    if beta is None:
+        return f"{config.get('tbpo_floor'):g}" if contrast is None else f"−{contrast:g}β"
+    value = f"{tbpo_floor_at(config_from_dict(config), variant, beta):g}"
+    return value if contrast is None else f"{value} (−{contrast:g}β)"
+
+
 def _floor_settings(config: dict) -> str:
     """The `log_ratio_floor` of each `*_floor` method in the config, in words."""
-    parts = []
-    for variant in ("tbpo_a", "tbpo_q"):
-        if f"{variant}_floor" not in config["methods"]:
-            continue
-        contrast = config.get(f"{variant}_floor_contrast")
-        value = f"−{contrast:g}β" if contrast is not None else f"{config.get('tbpo_floor'):g}"
-        parts.append(f"{METHOD_LABELS[variant]} {value}")
-    return ", ".join(parts)
+    return ", ".join(
+        f"{METHOD_LABELS[variant]} {_floor_text(config, variant)}"
+        for variant in ("tbpo_a", "tbpo_q")
+        if f"{variant}_floor" in config["methods"]
+    )
+
+
+def _log_kl(kl: float) -> float:
+    """ln of a sequential KL, floored at `KL_RATIO_FLOOR` (the stabiliser's ratios and their table)."""
+    return math.log(max(kl, KL_RATIO_FLOOR))
 
 
 def _reach_at_step(results: dict, method: str, step: int) -> float:
@@ -1214,7 +1226,7 @@ def assess_claims_over_seeds(all_results: list[dict]) -> list[dict]:
                     return None
                 if key == "reward":
                     return s["reward"] - p["reward"]
-                return math.log(max(p[key], KL_RATIO_FLOOR) / max(s[key], KL_RATIO_FLOOR))
+                return _log_kl(p[key]) - _log_kl(s[key])
 
             kl_effects = [
                 _mean_over_betas(r, stabiliser_betas, lambda b, r=r: gap(r, b, "seq_kl_stepwise")) for r in all_results
@@ -1278,12 +1290,7 @@ def _stabiliser_rows(all_results: list[dict]) -> list[list[str]]:
                 ]
                 setting = {
                     variant: "none (paper default)",
-                    f"{variant}_floor": f"log_ratio_floor = {tbpo_floor_at(config_from_dict(config), variant, beta):g}"
-                    + (
-                        f" (−{config[f'{variant}_floor_contrast']:g}β)"
-                        if config.get(f"{variant}_floor_contrast") is not None
-                        else ""
-                    ),
+                    f"{variant}_floor": f"log_ratio_floor = {_floor_text(config, variant, beta)}",
                     f"{variant}_lam": f"generator_lambda = {config['tbpo_stable_lambda']:g}",
                 }[method]
 
@@ -1295,7 +1302,7 @@ def _stabiliser_rows(all_results: list[dict]) -> list[list[str]]:
 
                 def geometric_kl(finals=finals):
                     # A drift that varies tenfold between seeds: the interval on the log scale, as the claim's rule
-                    logs = [math.log(max(e["seq_kl_stepwise"], KL_RATIO_FLOOR)) for e in finals]
+                    logs = [_log_kl(e["seq_kl_stepwise"]) for e in finals]
                     mean, low, high = _interval(logs)
                     per_seed = ", ".join(f"{e['seq_kl_stepwise']:.1f}" for e in finals)
                     if math.isnan(low):
