@@ -14,7 +14,7 @@ again:
   be *exactly* the unsharded ones: any difference means that sharding changed the computation.
 * with **each rank's half of the batch**, as in data-parallel training. Every loss is a mean over pairs, so the
   averaged gradient equals the full batch's in exact arithmetic. The models are float64, but the fused pass computes
-  the per-token statistics and accumulates the LM head's gradient in float32 (token_stats.py), so the two
+  the per-token statistics and accumulates the LM head's gradient in float32 (token_stats/fused.py), so the two
   computations differ by float32 rounding of sums over the 76 completion tokens of the batch: at most 76 × 2⁻²⁴ ≈
   4.5e-6 relative, hence `SPLIT_RTOL = 1e-5` (measured: 2.4e-7 at most). The control: each rank's own
   half-batch gradient differs from the full batch's by more than 10 % for every parameter (measured: 68 % or more),

@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-import trl_tokenpref.token_stats as token_stats
+import trl_tokenpref.token_stats.fused as fused_kernel
 from trl_tokenpref.losses import (
     _MAX_SAFE_EXPONENT,
     _exponent_coefficient,
@@ -224,9 +224,9 @@ def test_tbpo_loss(case):
 @pytest.fixture(params=["small_vocab_tiles", "one_vocab_tile"])
 def vocab_tile(request, monkeypatch):
     """Fold the vocabulary in several small tiles (the online-softmax merge is where infinities meet) or one.
-    `monkeypatch.setattr` fails if `token_stats` renames its tile constant: this coverage must not vanish silently."""
+    `monkeypatch.setattr` fails if the fused kernel renames its tile constant: this coverage must not vanish silently."""
     tile = 7 if request.param == "small_vocab_tiles" else 10**6
-    monkeypatch.setattr(token_stats, "CPU_VOCAB_TILE", tile)
+    monkeypatch.setattr(fused_kernel, "CPU_VOCAB_TILE", tile)
     return tile
 
 

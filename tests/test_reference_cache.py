@@ -22,7 +22,7 @@ from datasets import Dataset, load_from_disk
 from peft import LoraConfig
 from testing_utils import collated_batch, fast_args, loss_and_grads, perturb
 
-import trl_tokenpref.token_stats as token_stats
+import trl_tokenpref.token_stats.fused as fused_kernel
 from trl_tokenpref import TBPOConfig, TBPOTrainer, TDPOConfig, TDPOTrainer
 from trl_tokenpref.losses import sequence_sum, tdpo_loss
 from trl_tokenpref.precompute import REF_CACHE_COLUMNS, cache_bytes_per_token, check_per_token_columns
@@ -56,7 +56,7 @@ def cache_of(ref_logits: torch.Tensor, labels: torch.Tensor, k: int) -> Referenc
 
 @pytest.fixture(params=[7, 4096], ids=["vocab-tiles-of-7", "one-tile"])
 def vocab_tile(request, monkeypatch):
-    monkeypatch.setattr(token_stats, "CPU_VOCAB_TILE", request.param)
+    monkeypatch.setattr(fused_kernel, "CPU_VOCAB_TILE", request.param)
     return request.param
 
 

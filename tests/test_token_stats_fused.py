@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import trl_tokenpref.token_stats as token_stats
+import trl_tokenpref.token_stats.fused as fused_kernel
 from trl_tokenpref._compat import ChunkedDivergenceFunction, ChunkedLogProbFunction
 from trl_tokenpref.token_stats import (
     CPU_TILE_ELEMENTS,
@@ -37,7 +37,7 @@ VOCAB_TILES = {"tiled": 10, "whole": VOCAB}
 
 @pytest.fixture(params=list(VOCAB_TILES))
 def vocab_tile(request, monkeypatch):
-    monkeypatch.setattr(token_stats, "CPU_VOCAB_TILE", VOCAB_TILES[request.param])
+    monkeypatch.setattr(fused_kernel, "CPU_VOCAB_TILE", VOCAB_TILES[request.param])
     return VOCAB_TILES[request.param]
 
 

@@ -42,7 +42,7 @@ CONFIG_CLASSES = {DPOTrainer: DPOConfig, **dict(METHODS.values())}
 # ---------------------------------------------------------------------------------------------------- precision
 # Equivalence tests run the models in float64 (`model_init_kwargs=FLOAT64_MODEL`), so that their tolerances follow
 # from rounding instead of being guessed. One stage stays float32: both fused LM-head passes, ours
-# (`trl_tokenpref/token_stats.py`) and TRL's (`ChunkedLogProbFunction`, inside DPOTrainer), compute the per-token
+# (`trl_tokenpref/token_stats/fused.py`) and TRL's (`ChunkedLogProbFunction`, inside DPOTrainer), compute the per-token
 # statistics (log-probs, KL, entropy, mean logit) in float32 even for a float64 model, and accumulate the LM head's
 # weight gradient in float32 (so do, by design, the TBPO-Q head and TGDPO's collated token rewards). The rest rounds at
 # 2^-53, so two float64 computations of the same value differ by a few float32 roundings of those statistics:

@@ -29,7 +29,7 @@ if not (Version("1.16.0") <= TRL_VERSION < Version("1.17.0")):
     )
 
 # TRL's own chunked kernels: baselines in tests and benchmarks only. Our trainers use the fused pass in
-# `token_stats.py`, which computes log-probs, forward KL and entropy from one projection of each tile.
+# `token_stats/fused.py`, which computes log-probs, forward KL and entropy from one projection of each tile.
 import trl.kernels.chunked_divergence as _trl_chunked_divergence  # noqa: E402
 import trl.kernels.chunked_logprob as _trl_chunked_logprob  # noqa: E402
 import trl.trainer.utils as _trl_trainer_utils  # noqa: E402
