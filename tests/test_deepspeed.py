@@ -309,3 +309,34 @@ def test_users_command_trains_with_the_reference_cache_under_zero3(sharded, asse
     initial = AutoModelForCausalLM.from_pretrained(assets["model"])
     assert trained.state_dict().keys() == initial.state_dict().keys()
     assert any(not torch.equal(param, initial.state_dict()[name]) for name, param in trained.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bf16: DeepSpeed's precision and the training arguments' must agree (checked at init, not when `train` starts)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_deepspeed_bf16_against_float32_arguments_is_refused_at_init(make_trainer, monkeypatch, tmp_path):
+    """What `accelerate launch --config_file zero3.yaml` (its `mixed_precision: bf16`) exports, with a recipe that
+    trains in float32 (`bf16: false`, the tiny recipes): refused before the models load, naming both fixes; without the
+    check, transformers stops at `train`, after the loading and the reference cache's precompute."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from trl_tokenpref import TDPOConfig, TDPOTrainer, launch_checks
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    try:
+        with pytest.raises(ValueError) as error:
+            make_trainer(TDPOTrainer, tmp_path)
+        message = str(error.value)
+        assert "DeepSpeed's config has `bf16.enabled=True`" in message
+        assert "the training arguments have `bf16=False`" in message
+        assert "--mixed_precision no" in message and "`bf16: true`" in message
+        # Agreeing values pass: bf16 in both, or float32 in both (`--mixed_precision no`)
+        launch_checks.check_deepspeed_precision(TDPOConfig(str(tmp_path), bf16=True, use_cpu=True, report_to="none"))
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+        launch_checks.check_deepspeed_precision(TDPOConfig(str(tmp_path), bf16=False, use_cpu=True, report_to="none"))
+    finally:
+        # TrainingArguments registered its DeepSpeed config globally (ZeRO-3 loading reads it): drop it
+        unset_hf_deepspeed_config()

@@ -61,7 +61,7 @@ def test_fsdp_asked_for_but_not_enabled_warns(make_trainer, monkeypatch, tmp_pat
     assert not trainer.is_fsdp_enabled
     warning = launch_warnings(caplog)
     assert (
-        "The accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true), but this run is NO with 1 process" in warning
+        "The accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true), but this run is a single process" in warning
     )
     assert "with `use_cpu=True` it runs plain data parallelism" in warning
 
@@ -124,4 +124,4 @@ def test_trl_fsdp2_config_on_cpu_warns_that_it_runs_ddp(assets, tmp_path):
         quick_run(assets, tmp_path / "run"),
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "asks for FSDP (ACCELERATE_USE_FSDP=true), but this run is MULTI_CPU with 2 process(es)" in result.stderr
+    assert "asks for FSDP (ACCELERATE_USE_FSDP=true), but this run is plain data parallelism over 2" in result.stderr

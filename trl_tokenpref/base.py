@@ -266,8 +266,8 @@ class TokenLevelDPOTrainer(DPOTrainer):
                 f"`args` must be a `{self._config_class.__name__}`, got `{type(args).__name__}`. Build it with "
                 f"`{self._config_class.__name__}(...)`: it accepts every `DPOConfig` argument."
             )
-        # Before anything is prepared: processes that a launcher started but that are not one distributed run
-        launch_checks.check_processes(args)
+        # Before anything is loaded or precomputed: the processes and the precision the launcher asked for
+        launch_checks.check_launch(args)
         checks.check_lm_head_not_quantized(model)
         if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
             # Before DPOTrainer, which reads a first row before preparing the dataset (a bare `StopIteration`)
@@ -295,7 +295,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        launch_checks.check_sharding(self.accelerator, self.args)
+        launch_checks.check_accelerator(self.accelerator, self.args)
         checks.check_lm_head_not_quantized(self.model)
         checks.check_lm_head_supported(self.model)
         if self._uses_reference_cache:

@@ -7,15 +7,20 @@ accelerate (1.16) falls back without a word in three cases that the trainers det
   `WORLD_SIZE` to each process. accelerate joins them into one distributed run only on an accelerator it detects, or
   with `use_cpu=True` (gloo); otherwise (`--use_cpu false` on a machine without GPU, or a GPU that torch cannot see)
   `PartialState` ignores the launcher's variables and each process is a run of its own: each trains the whole model on
-  the whole dataset and writes the same `output_dir`. [`check_processes`] refuses such a run.
+  the whole dataset and writes the same `output_dir`. [`check_launch`] refuses such a run.
 * **One process where several were asked for.** `accelerate launch --cpu --num_processes 2` (or `--num_processes 2`
   without `--multi_gpu` on a machine without GPU) goes to accelerate's single-process launcher, which starts ONE
   process and ignores the count; it only exports `MASTER_ADDR`/`MASTER_PORT`, which it does only when asked for several
-  processes. [`check_processes`] warns.
+  processes. [`check_launch`] warns.
 * **FSDP or DeepSpeed asked for, not enabled.** The launcher exports `ACCELERATE_USE_FSDP=true` (or
   `ACCELERATE_USE_DEEPSPEED=true`) from the accelerate config, but accelerate enables FSDP only on an accelerator: with
   `use_cpu=True` (TRL's `fsdp2.yaml` with our tiny recipes) the run is plain data parallelism, every process holding
-  the whole model. [`check_sharding`] warns, naming what the run is.
+  the whole model. [`check_accelerator`] warns, naming what the run is.
+
+And one mismatch that transformers refuses only when `train` starts, after the models are loaded and the reference
+cache is precomputed: DeepSpeed's `bf16.enabled` (set by the accelerate config's `mixed_precision: bf16`, as in TRL's
+zero3.yaml) against the training arguments' `bf16` (false in our CPU recipes). [`check_launch`] refuses it at init,
+with the two ways to make them agree.
 """
 
 import os
@@ -39,9 +44,10 @@ def _launched_world_size(environ) -> int:
         return 1
 
 
-def check_processes(args, environ=None) -> None:
-    """Refuse processes that a launcher started together but that did not join one distributed run, and warn when
-    `accelerate launch` was asked for several processes but started one.
+def check_launch(args, environ=None) -> None:
+    """Before the trainer loads or precomputes anything: refuse processes that a launcher started together but that did
+    not join one distributed run, warn when `accelerate launch` was asked for several processes but started one, and
+    refuse a DeepSpeed precision that disagrees with the training arguments ([`check_deepspeed_precision`]).
 
     Args:
         args ([`~transformers.TrainingArguments`]): the run's arguments; `args.world_size` is the number of processes
@@ -49,7 +55,8 @@ def check_processes(args, environ=None) -> None:
         environ (`Mapping`, *optional*): the environment (`os.environ` by default).
 
     Raises:
-        ValueError: the launcher started `WORLD_SIZE` > 1 processes, and accelerate sees one process in each.
+        ValueError: the launcher started `WORLD_SIZE` > 1 processes, and accelerate sees one process in each; or
+            DeepSpeed's bf16/fp16 setting disagrees with the training arguments'.
     """
     environ = os.environ if environ is None else environ
     launched, joined = _launched_world_size(environ), args.world_size
@@ -73,9 +80,35 @@ def check_processes(args, environ=None) -> None:
             "exported MASTER_ADDR/MASTER_PORT, as it does for several processes). For several processes on CPU use "
             f"{_SEVERAL_CPU_PROCESSES}. If one process is what you want, drop `--num_processes`."
         )
+    check_deepspeed_precision(args)
 
 
-def check_sharding(accelerator, args, environ=None) -> None:
+def check_deepspeed_precision(args) -> None:
+    """Refuse, before anything is loaded or precomputed, the DeepSpeed precision that transformers refuses only when
+    `train` starts: DeepSpeed's `bf16.enabled` / `fp16.enabled` against `bf16` / `fp16` of the training arguments.
+
+    `TrainingArguments` builds `args.deepspeed_plugin` from the launcher's environment, with the precision of the
+    accelerate config's `mixed_precision` unless `bf16`/`fp16` is set; transformers'
+    `HfTrainerDeepSpeedConfig.trainer_config_process` then compares the same values as here (an "auto" value is filled
+    from the arguments and always agrees).
+    """
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    for name, wanted in (("bf16", args.bf16 or args.bf16_full_eval), ("fp16", args.fp16 or args.fp16_full_eval)):
+        enabled = plugin.deepspeed_config.get(name, {}).get("enabled", False)
+        if isinstance(enabled, bool) and enabled != bool(wanted):
+            raise ValueError(
+                f"DeepSpeed's config has `{name}.enabled={enabled}` (from the accelerate config's `mixed_precision`, "
+                f"or `--mixed_precision`), but the training arguments have `{name}={bool(wanted)}`: transformers would "
+                f"stop when training starts (`ds {name}.enabled={enabled} vs hf {name}|{name}_full_eval="
+                f"{bool(wanted)}`). Make them agree: to train in float32 (as the CPU `tiny` recipes do), launch with "
+                f"`accelerate launch ... --mixed_precision no`; to train in {name}, set `{name}: true` "
+                f"(`--{name} true`) and keep the config's `mixed_precision: {name}`."
+            )
+
+
+def check_accelerator(accelerator, args, environ=None) -> None:
     """Warn when the launcher asked for FSDP or DeepSpeed (`ACCELERATE_USE_FSDP` / `ACCELERATE_USE_DEEPSPEED`, exported
     by `accelerate launch` from the config's `distributed_type`) and the trainer's accelerator did not enable it.
 
@@ -86,9 +119,11 @@ def check_sharding(accelerator, args, environ=None) -> None:
     """
     environ = os.environ if environ is None else environ
     distributed_type = accelerator.distributed_type
+    processes = accelerator.num_processes
+    kind = f"plain data parallelism over {processes} processes" if processes > 1 else "a single process"
     what_it_is = (
-        f"{distributed_type.value} with {accelerator.num_processes} process(es), each holding the whole model, its "
-        "gradients and its optimizer states (no sharding)"
+        f"{kind} (accelerate's {distributed_type.value}), each process holding the whole model, its gradients and "
+        "its optimizer states"
     )
     if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and distributed_type != DistributedType.FSDP:
         if args.use_cpu:
