@@ -32,6 +32,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import _deepspeed_worker as worker
 import pytest
 import torch
 from testing_utils import EQUIVALENCE_RTOL, HEAD_RTOL, perturbed_copy, relative_gap
@@ -39,8 +40,6 @@ from testing_utils import EQUIVALENCE_RTOL, HEAD_RTOL, perturbed_copy, relative_
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "_deepspeed_worker.py"
-sys.path.insert(0, str(WORKER.parent))
-import _deepspeed_worker as worker  # noqa: E402
 
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.distributed]
