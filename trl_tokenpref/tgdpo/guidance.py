@@ -26,6 +26,8 @@ from .._compat import (
     prepare_fsdp,
 )
 from ..checks import check_lm_head_not_quantized, check_local_path
+from ..packing import prepare_model_for_packing
+from ..token_batch import TokenBatch
 from ..token_stats import add_token_stats_head
 
 
@@ -60,14 +62,14 @@ class GuidanceModel:
         self.model = None
         gc.collect()
 
-    def token_log_probs(self, inputs: dict) -> torch.Tensor:
-        """log π_guide(y_t|s_t) of every label, `[2B, L-1]` (0 outside the completion), without gradient."""
+    def token_log_probs(self, inputs: dict, token_batch: TokenBatch | None = None) -> torch.Tensor:
+        """log π_guide(y_t|s_t) of the batch's labelled tokens, `[N]` in `TokenBatch` order, without gradient."""
         trainer = self.trainer
         with torch.no_grad():
             outputs = self.get()(
                 **trainer._model_kwargs(inputs),
-                labels=trainer._labels(inputs),
                 token_stats=True,
+                token_batch=token_batch if token_batch is not None else TokenBatch.from_inputs(inputs),
                 chunk_size=trainer.args.token_chunk_size,
             )
         return outputs.stats.log_probs
@@ -94,6 +96,8 @@ class GuidanceModel:
         disable_dropout_in_model(guidance)  # a deterministic forward: r̂ is a constant
         if trainer.precompute_ref_logps:
             self.hash = hash_module(guidance)  # before sharding: DTensor parameters can't be hashed
+        if trainer._padding_free:
+            prepare_model_for_packing(guidance, "guidance")
         add_token_stats_head(guidance)
         if trainer.is_deepspeed_enabled:
             return prepare_deepspeed(guidance, trainer.accelerator)

@@ -30,8 +30,8 @@ from ..precompute import (
     REF_TOKEN_LOGPS_COLUMNS,
     DataCollatorForPerTokenColumns,
     add_per_token_columns,
-    with_per_token_collator,
 )
+from ..token_batch import TokenBatch
 from ..token_stats import add_token_stats_head
 
 
@@ -128,12 +128,6 @@ def validate_token_rewards(dataset: Dataset, dataset_name: str, args) -> None:
                     )
 
 
-def with_tgdpo_collator(collator):
-    """DPOTrainer's default collator swapped for [`DataCollatorForTGDPO`] with the same settings; any other collator
-    unchanged (it must pad the per-token columns itself)."""
-    return with_per_token_collator(collator, DataCollatorForTGDPO)
-
-
 def tokenize_for_token_rewards(dataset: Dataset, tokenizer, *, max_length, truncation_mode, dataset_num_proc=None):
     """Check and tokenize a preference dataset exactly as the trainers do, keeping every row (the trainers drop the
     rows that truncation leaves without a completion token; their values are then all `None`)."""
@@ -182,9 +176,10 @@ def compute_token_rewards(
     )
 
     def label_log_probs(model, batch):
-        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return model(**kwargs, labels=labels, token_stats=True, chunk_size=token_chunk_size).stats.log_probs.float()
+        token_batch = TokenBatch.from_inputs(batch)
+        outputs = model(**kwargs, token_stats=True, token_batch=token_batch, chunk_size=token_chunk_size)
+        return outputs.stats.log_probs.float()
 
     def score_batch(_, batch):
         rewards = beta * (label_log_probs(models["guidance"], batch) - label_log_probs(models["reference"], batch))
