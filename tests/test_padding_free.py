@@ -20,6 +20,7 @@ import shutil
 
 import pytest
 import torch
+from peft import LoraConfig
 from testing_utils import (
     EQUIVALENCE_RTOL,
     FLOAT64_MODEL,
@@ -54,25 +55,33 @@ STEP_CASES = {
     "tbpo_a_cached": (TBPOTrainer, dict(variant="tbpo_a", precompute_ref_log_probs=True), False),
     "tbpo_q": (TBPOTrainer, dict(variant="tbpo_q", baseline_hidden_size=32), False),
     "bpo_sequence_level": (TBPOTrainer, dict(token_level=False), False),
+    # LoRA: the reference is the same model with its adapter disabled, run on the same packed row
+    "tdpo2_lora": (TDPOTrainer, dict(variant="tdpo2"), False),
 }
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 
 
 def step_trainer(case, padding_free, model_path, tokenizer, dataset, guidance_path, output_dir, **config):
     trainer_class, case_config, uses_guidance = STEP_CASES[case]
+    trainer_kwargs = {"guidance_model": guidance_path} if uses_guidance else {}
+    if case.endswith("_lora"):
+        torch.manual_seed(0)  # the same random adapter for both layouts
+        trainer_kwargs["peft_config"] = LORA
     trainer = build_trainer(
         trainer_class,
         model_path,
         tokenizer,
         dataset,
         output_dir,
-        {"guidance_model": guidance_path} if uses_guidance else None,
+        trainer_kwargs,
         model_init_kwargs=FLOAT64_MODEL,
         padding_free=padding_free,
         **case_config,
         **config,
     )
     # The policy away from its reference, so that ρ, κ and their gradients are not zero; the same draw for both
-    perturb(trainer.model, seed=1, scale=0.05)
+    if not case.endswith("_lora"):  # LoRA: the random adapter moves the policy away from the reference
+        perturb(trainer.model, seed=1, scale=0.05)
     if getattr(trainer, "baseline_head", None) is not None:
         perturb(trainer.baseline_head, seed=3, scale=0.05)
     return trainer
