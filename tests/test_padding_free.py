@@ -40,6 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from trl_tokenpref import TBPOConfig, TBPOTrainer, TDPOConfig, TDPOTrainer, TGDPOConfig, TGDPOTrainer, packing
+from trl_tokenpref._compat import set_attn_implementation
 from trl_tokenpref.packing import PACKED_SDPA
 from trl_tokenpref.token_batch import TokenBatch
 
@@ -269,6 +270,44 @@ def test_packed_attention_runs_per_sequence_without_a_mask(tiny_model_path, tiny
             input_ids=torch.tensor([[5, 6, 7], [8, 9, 0]]), attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]])
         )
     assert calls and all(boundaries is None for _, boundaries, _ in calls)
+
+
+def test_flash_attention_gets_the_varlen_arguments_and_no_mask(
+    tiny_model_path, tiny_tokenizer, train_subset, guidance_path, monkeypatch
+):
+    """FlashAttention's varlen path cannot run on CPU, so a stand-in with its contract takes its place: it must get no
+    attention mask (FlashAttention would take an all-ones mask as one sequence over the whole row) and the boundaries
+    with their maximum length, as transformers' `_flash_attention_forward` expects them; given those, running each
+    sequence on its own gives the padded step's loss."""
+    calls = []
+
+    def varlen_stand_in(
+        module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+    ):
+        calls.append((attention_mask, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"]))
+        return packing.packed_sdpa_attention_forward(module, query, key, value, None, dropout, scaling, **kwargs)
+
+    name = "test_varlen_stand_in"  # a name without "flash": transformers would look for a hub kernel
+    packing.AttentionInterface.register(name, varlen_stand_in)
+    real_check = packing._is_flash_attention
+    monkeypatch.setattr(
+        packing, "_is_flash_attention", lambda implementation: implementation == name or real_check(implementation)
+    )
+    padded = step_trainer("tdpo2", False, tiny_model_path, tiny_tokenizer, train_subset, guidance_path, "unused")
+    packed = step_trainer("tdpo2", True, tiny_model_path, tiny_tokenizer, train_subset, guidance_path, "unused")
+    for model in (packed.model, packed.ref_model):
+        set_attn_implementation(model, name)
+    batch = collated_batch(packed, 8)
+    with torch.no_grad():
+        loss = packed.compute_loss(packed.model, batch)
+        expected = padded.compute_loss(padded.model, collated_batch(padded, 8))
+    assert calls
+    lengths = batch["cu_seq_lens"][1:] - batch["cu_seq_lens"][:-1]
+    for attention_mask, boundaries_q, boundaries_k, max_length in calls:
+        assert attention_mask is None
+        assert boundaries_q.tolist() == boundaries_k.tolist() == batch["cu_seq_lens"].tolist()
+        assert boundaries_q.dtype == torch.int32 and max_length == int(lengths.max())
+    assert_relatively_close(loss, expected, EQUIVALENCE_RTOL, "loss")
 
 
 def test_attention_that_cannot_run_per_sequence_is_refused(tiny_model_path, tiny_tokenizer, train_subset):
