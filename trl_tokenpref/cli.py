@@ -407,11 +407,21 @@ def set_model_init_kwargs(training_args, model_args) -> None:
 _SMALL_FILE_BYTES = 1 << 16
 
 
+def _holds_no_row(content: bytes) -> bool:
+    """Whether a small text data file holds nothing but whitespace or an empty JSON array."""
+    if not content.strip():
+        return True
+    try:
+        return json.loads(content) == []
+    except ValueError:
+        return False
+
+
 def empty_data_files(path: Path) -> list[str]:
     """The data files (`.json`, `.jsonl`, `.csv`, `.parquet`) that `load_dataset` would read from the local file or
-    folder `path` and that hold no row: 0 bytes, only whitespace (or `[]`), or a Parquet file of 0 rows. `datasets`
-    fails on any of them with a bare `StopIteration` or "Instruction 'train' corresponds to no data", naming no
-    file."""
+    folder `path` and that hold no row: 0 bytes, only whitespace or an empty JSON array, or a Parquet file of 0
+    rows. `datasets` fails on any of them with a bare `StopIteration` or "Instruction 'train' corresponds to no
+    data", naming no file."""
     if path.is_file():
         files = [path]
     else:
@@ -433,7 +443,7 @@ def empty_data_files(path: Path) -> list[str]:
             except Exception:  # not a readable Parquet file: `datasets` says so itself
                 is_empty = False
         else:
-            is_empty = size <= _SMALL_FILE_BYTES and file.read_bytes().strip() in (b"", b"[]")
+            is_empty = size <= _SMALL_FILE_BYTES and _holds_no_row(file.read_bytes())
         if is_empty:
             empty.append(f"{file} ({size} bytes)")
     return empty
