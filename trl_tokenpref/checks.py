@@ -8,7 +8,14 @@ refuses bad input with the row index, the problem and the fix, before any traini
 * [`check_columns`], [`check_rows`] (a map-style dataset, whole, before tokenization) and [`check_streamed_row`] (an
   `IterableDataset`, as it is read): every row's fields, as DPOTrainer's tokenization needs them;
 * [`drop_rows_without_completion_tokens`] (after tokenization): rows of which `max_length` truncation leaves no
-  completion token are dropped, as DPOTrainer drops them, with a warning that counts and names them.
+  completion token are dropped, as DPOTrainer drops them, with a warning that counts and names them;
+* [`check_chat_template`]: conversational rows need a processing class with a chat template;
+* [`check_same_vocabulary`] (the one vocabulary check of the package: references, guidance models, the evaluation)
+  and [`check_token_ids_fit`] (token ids and the pad id against the policy's embedding), read from the modules'
+  sizes and configs, never from a weight's shape;
+* [`check_not_only_identical_pairs`]: a dataset of identical pairs only;
+* [`warn_if_reference_cache_misses_mass`] (after the reference-cache precompute): the reference's mass outside the
+  cached top-k, with the `ref_top_k` to use.
 """
 
 import math
