@@ -126,6 +126,44 @@ def test_lora_adapter_folder_as_guidance_model(tiny_model_path, tiny_tokenizer, 
         torch.testing.assert_close(loaded[name], param, rtol=0, atol=1e-6)  # merging rounds in float32
 
 
+def test_script_refuses_models_of_another_vocabulary_and_data_it_cannot_render(
+    token_rewards_script, default_dataset, conversational_dataset, tiny_model_path, tiny_tokenizer, tmp_path
+):
+    """The script's precompute shares the trainers' checks (`checks.check_same_vocabulary`, `check_chat_template`):
+    a guidance model with another vocabulary, and conversational rows with a tokenizer without a chat template."""
+    import copy
+
+    from trl_tokenpref.tgdpo.token_rewards import compute_token_rewards
+
+    wider = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    wider.resize_token_embeddings(wider.config.vocab_size + 10, mean_resizing=False)
+    wider.save_pretrained(tmp_path / "wider")
+    default_dataset["train"].select(range(4)).save_to_disk(str(tmp_path / "data"))
+    with pytest.raises(
+        ValueError,
+        match=r"^The guidance model's vocabulary has 522 entries but the reference's has 512 \(the widths of their "
+        r"output logits\): .* so the two models must use one tokenizer\. Use a guidance model trained with that",
+    ):
+        token_rewards_script.main(
+            ["--guidance_model", str(tmp_path / "wider"), "--ref_model", tiny_model_path,
+             "--tokenizer", tiny_model_path, "--dataset_path", str(tmp_path / "data"),
+             "--output_dir", str(tmp_path / "out")]
+        )  # fmt: skip
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = None
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with pytest.raises(ValueError, match=r"^The input dataset is conversational .* has no chat template"):
+        compute_token_rewards(
+            conversational_dataset["train"].select(range(4)),
+            ref_model=model,
+            guidance_model=model,
+            tokenizer=tokenizer,
+            beta=0.1,
+            max_length=None,
+        )
+
+
 def test_script_refuses_to_write_over_its_input(token_rewards_script, default_dataset, tiny_model_path, tmp_path):
     default_dataset["train"].select(range(4)).save_to_disk(str(tmp_path / "data"))
     start = time.perf_counter()

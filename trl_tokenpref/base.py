@@ -14,11 +14,11 @@ Each method's trainer (`tdpo/`, `tgdpo/`, `tbpo/`) then only writes its `compute
 
 import copy
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from peft.utils import AuxiliaryTrainingWrapper
@@ -27,6 +27,7 @@ from trl import DPOConfig, DPOTrainer
 
 from . import checks, precompute
 from ._compat import disable_gradient_checkpointing, precompute_model_hash, precompute_reference_model, use_adapter
+from ._logging import get_logger
 from .losses import Metric
 from .packing import PACKED_BATCH_KEY, packed_model_kwargs, prepare_model_for_packing
 from .precompute import (
@@ -297,6 +298,9 @@ class TokenLevelDPOTrainer(DPOTrainer):
                 f"`{self._config_class.__name__}(...)`: it accepts every `DPOConfig` argument."
             )
         checks.check_lm_head_not_quantized(model)
+        # A local folder by its absolute path: the saved adapter's `base_model_name_or_path` and the model card name it,
+        # and a relative one would not load from another directory
+        model = checks.absolute_if_local(model)
         if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
             # Before DPOTrainer, which reads a first row before preparing the dataset (a bare `StopIteration`)
             raise ValueError("The train dataset has no rows.")
@@ -333,6 +337,8 @@ class TokenLevelDPOTrainer(DPOTrainer):
         self.padding_free = self._padding_free
         checks.check_lm_head_not_quantized(self.model)
         checks.check_lm_head_supported(self.model)
+        eval_datasets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+        self._check_models_and_token_ids({"train": self.train_dataset, **eval_datasets})
         self._prepare_packing()
         self._use_token_level_collator()
         self.add_callback(_ResumeTokenCountCallback(self))
@@ -363,6 +369,37 @@ class TokenLevelDPOTrainer(DPOTrainer):
         if self.ref_model is not None:
             prepare_model_for_packing(self.accelerator.unwrap_model(self.ref_model), "reference")
 
+    def _check_models_and_token_ids(self, datasets: dict) -> None:
+        """Before anything reads them (the precompute inside DPOTrainer's init, or training): the reference has the
+        policy's vocabulary, and the token ids of the tokenized datasets and the pad id fit the policy's embedding."""
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is not None:
+            checks.check_same_vocabulary(
+                policy,
+                self.accelerator.unwrap_model(self.ref_model),
+                "reference model",
+                checks.REFERENCE_VOCABULARY_REASON,
+                checks.REFERENCE_VOCABULARY_FIX,
+            )
+        pad_token_id = getattr(self.data_collator, "pad_token_id", None)
+        checks.check_token_ids_fit(policy, self.processing_class, datasets, pad_token_id=pad_token_id)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """DPOTrainer's model card, naming a base model loaded from a local folder (TRL's card names only a Hub model,
+        and writes "a fine-tuned version of [None](https://huggingface.co/None)" otherwise)."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        card = os.path.join(self.args.output_dir, "README.md")
+        unnamed = "[None](https://huggingface.co/None)"
+        if not self.is_world_process_zero() or not os.path.isfile(card):
+            return
+        with open(card, encoding="utf-8") as f:
+            text = f.read()
+        if unnamed in text:
+            base_model = self.model.config.name_or_path
+            named = f"the local model `{base_model}`" if base_model else "a model built from its config (no base path)"
+            with open(card, "w", encoding="utf-8") as f:
+                f.write(text.replace(unnamed, named))
+
     def _add_token_stats_heads(self) -> None:
         """Patch the policy (and the reference) so that `model(..., token_stats=True)` computes per-token statistics.
 
@@ -390,6 +427,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
         """
         tokenizer = checks.text_tokenizer(processing_class)
         has_prompt = checks.check_columns(dataset, dataset_name, tokenizer.eos_token)
+        checks.check_chat_template(dataset, dataset_name, processing_class)
         # DPOTrainer's only use of `max_length` here is to drop the rows whose prompt fills it (keep_start): tokenize
         # without that filter, and drop the rows without a completion token here, where they are counted and named
         # (the collator still truncates with `max_length`)
@@ -416,6 +454,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
         # Row indices are still the user's here (nothing was dropped yet): the place for checks that name rows
         self._check_tokenized_dataset(dataset, dataset_name, args)
         identical = checks.identical_pairs(dataset)
+        checks.check_not_only_identical_pairs(identical.size, len(dataset), dataset_name)
         if identical.size:
             dataset = self._identical_pairs(dataset, dataset_name, identical)
         return checks.drop_rows_without_completion_tokens(dataset, dataset_name, args)
@@ -454,6 +493,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
         the reference cache of every completion token (its label log-prob, its `ref_top_k` most likely tokens with
         their log-probs, and the log-mass of the rest), cached on disk like DPOTrainer's values. A method without a
         per-token KL keeps DPOTrainer's precompute."""
+        self._check_models_and_token_ids({name: dataset})
         if not self._uses_reference_cache:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         precompute.check_map_style(dataset)
@@ -489,7 +529,9 @@ class TokenLevelDPOTrainer(DPOTrainer):
             }
 
         columns = [REF_TOKEN_LOGPS_COLUMNS, REF_TOPK_IDS_COLUMNS, REF_TOPK_LOGPS_COLUMNS, REF_TAIL_COLUMNS]
-        return self._add_per_token_columns(dataset, name, batch_size, score_batch, columns, cache_key)
+        dataset = self._add_per_token_columns(dataset, name, batch_size, score_batch, columns, cache_key)
+        checks.warn_if_reference_cache_misses_mass(dataset, name, stored_k, vocab_size)
+        return dataset
 
     def _add_per_token_columns(self, dataset, name, batch_size, score_batch, columns, cache_key):
         """`precompute.add_per_token_columns` with this trainer's reference model (DeepSpeed's inference engine before

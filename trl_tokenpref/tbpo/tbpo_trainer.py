@@ -2,10 +2,10 @@ import os
 import textwrap
 
 import torch
-from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
+from .._logging import get_logger
 from ..base import TokenLevelDPOTrainer
 from ..losses import Metric, center_log_weights, sequential_kl_metrics, tbpo_loss
 from ..token_batch import TokenBatch

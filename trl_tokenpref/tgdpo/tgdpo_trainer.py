@@ -16,10 +16,10 @@ import textwrap
 
 import numpy as np
 import torch
-from accelerate.logging import get_logger
 from datasets import Dataset
 
 from .._compat import precompute_model_hash
+from .._logging import get_logger
 from ..base import TokenLevelDPOTrainer
 from ..checks import check_local_path, listed_rows
 from ..losses import tgdpo_loss
@@ -236,6 +236,7 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
         """DPOTrainer's precompute of the reference, per token instead of summed (`precompute.py`): the columns
         `ref_{chosen,rejected}_token_logps` and, when the dataset has no token rewards yet, the guidance rewards
         `{chosen,rejected}_token_rewards` = β·(log π_guide − log π_ref). A training step then runs the policy only."""
+        self._check_models_and_token_ids({name: dataset})
         self._use_token_level_collator()
         self._add_token_stats_heads()
         self._prepare_packing()

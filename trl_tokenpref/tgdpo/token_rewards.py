@@ -21,9 +21,12 @@ from datasets import Dataset, List, Value
 from .._compat import DataCollatorForPreference, hash_module, tokenize_preference_dataset
 from ..checks import (
     VALIDATION_BATCH_ROWS,
+    check_chat_template,
     check_columns,
     check_lm_head_not_quantized,
     check_rows,
+    check_same_vocabulary,
+    check_token_ids_fit,
     scored_completion_range,
 )
 from ..precompute import (
@@ -132,6 +135,7 @@ def tokenize_for_token_rewards(dataset: Dataset, tokenizer, *, max_length, trunc
     """Check and tokenize a preference dataset exactly as the trainers do, keeping every row (the trainers drop the
     rows that truncation leaves without a completion token; their values are then all `None`)."""
     has_prompt = check_columns(dataset, "input", tokenizer.eos_token)
+    check_chat_template(dataset, "input", tokenizer)
     check_rows(dataset, "input", has_prompt, tokenizer.eos_token)
     tokenize_args = SimpleNamespace(
         dataset_num_proc=dataset_num_proc, max_length=None, truncation_mode=truncation_mode
@@ -162,15 +166,26 @@ def compute_token_rewards(
     """
     from accelerate import Accelerator
 
+    from .guidance import GUIDANCE_VOCABULARY_FIX, GUIDANCE_VOCABULARY_REASON
+
     accelerator = accelerator or Accelerator()
+    check_same_vocabulary(
+        ref_model,
+        guidance_model,
+        "guidance model",
+        GUIDANCE_VOCABULARY_REASON,
+        GUIDANCE_VOCABULARY_FIX,
+        model_name="reference",
+    )
     tokenized = tokenize_for_token_rewards(dataset, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    check_token_ids_fit(ref_model, tokenizer, {name: tokenized}, pad_token_id=pad_token_id)
     models = {}
     for role, model in (("reference", ref_model), ("guidance", guidance_model)):
         check_lm_head_not_quantized(model)
         model.eval().requires_grad_(False)
         add_token_stats_head(model)
         models[role] = accelerator.prepare_model(model, evaluation_mode=True)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = DataCollatorForPreference(
         pad_token_id=pad_token_id, max_length=max_length, truncation_mode=truncation_mode
     )
