@@ -158,7 +158,7 @@ def _forward_chunk(hidden, labels, ref_hidden, policy_head, ref_head, vocab_tile
     it keeps the policy logits at the cached tokens K and a logsumexp over the logits *outside* K (masked in each tile,
     never `log(1 − Σ_K …)`, which cancels), for the cached KL.
     """
-    vocab_size = policy_head.weight.size(0)
+    vocab_size = policy_head.vocab_size
     has_ref = ref_hidden is not None
     policy = ref = None  # running (max, sum of exponentials, weighted sum)
     label_logit = ref_label_logit = None
@@ -285,7 +285,7 @@ def _backward_chunk(
     gradient is `P·q(u) − p(u)` for u ∈ K and `P·q(u) − m·q(u)/Q` outside K (P = Σ_K p + m, 1 up to rounding), with
     `q(u)/Q = exp(z_u − out_lse) ≤ 1` computed outside K only: no ratio m/Q that could overflow."""
     grad_hidden, grad_weight, grad_bias = grads
-    vocab_size, compute_dtype = policy_head.weight.size(0), hidden.dtype
+    vocab_size, compute_dtype = policy_head.vocab_size, hidden.dtype
     use_cache = cache is not None and grad_kl is not None
     # ∂/∂z of g_lp·log pθ(y) + g_kl·κ  =  g_lp·onehot(y) + (g_kl − g_lp)·pθ − g_kl·p_ref
     policy_coef = torch.zeros_like(lse) if grad_lp is None else -grad_lp

@@ -19,9 +19,10 @@ class TokenStatsOutput(ModelOutput):
 
     Args:
         stats ([`TokenStats`], *optional*):
-            Per-token statistics for the labels (absent when `return_hidden_states_only=True`).
-        hidden_states (`torch.Tensor` of shape `(rows, seq - 1, hidden)`, *optional*):
-            The final hidden states aligned with the shifted labels, when requested.
+            Per-token statistics of the batch's labelled tokens, `[N]` each (absent when
+            `return_hidden_states_only=True`).
+        hidden_states (`torch.Tensor` of shape `(N, hidden)`, *optional*):
+            The final hidden state that predicts each labelled token, when requested.
         aux_loss (`torch.Tensor`, *optional*):
             MoE load-balancing loss, when router logits were requested.
     """
@@ -32,7 +33,7 @@ class TokenStatsOutput(ModelOutput):
 
 
 def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_model") -> None:
-    """Patch `model.forward` so that `model(..., labels=labels, token_stats=True)` returns a [`TokenStatsOutput`].
+    """Patch `model.forward` so that `model(..., token_batch=batch, token_stats=True)` returns a [`TokenStatsOutput`].
 
     The statistics are computed *inside* the model's forward, so every wrapper around the model keeps working: DDP
     registers the LM head's gradient, DeepSpeed ZeRO-3 and FSDP gather what they shard. Without `token_stats=True` the
@@ -41,9 +42,10 @@ def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_mode
 
     Extra keyword arguments of the patched forward:
         token_stats (`bool`): compute the statistics instead of the usual forward.
-        labels (`torch.Tensor` of shape `(rows, seq)`): unshifted labels, `-100` on positions without a statistic.
-        ref_hidden_states (`torch.Tensor` of shape `(rows, seq - 1, hidden_ref)`): the reference's final hidden states,
-            for `ref_log_probs` and `forward_kl`.
+        token_batch ([`~trl_tokenpref.token_batch.TokenBatch`]): the labelled tokens of the inputs (padded or packed)
+            and where their predicting hidden states sit.
+        ref_hidden_states (`torch.Tensor` of shape `(N, hidden_ref)`): the reference's final hidden states at the
+            labelled tokens, for `ref_log_probs` and `forward_kl`.
         ref_lm_head ([`LMHead`]): the reference's output projection (defaults to this model's, detached).
         ref_cache ([`ReferenceCache`]): the reference's stored top-k distribution, instead of `ref_hidden_states`.
         return_hidden_states (`bool`): also return this model's final hidden states (detached).
@@ -61,7 +63,7 @@ def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_mode
         self,
         *args,
         token_stats=False,
-        labels=None,
+        token_batch=None,
         ref_hidden_states=None,
         ref_lm_head=None,
         ref_cache=None,
@@ -71,8 +73,6 @@ def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_mode
         **kwargs,
     ):
         if not token_stats:
-            if labels is not None:
-                kwargs["labels"] = labels
             return original_forward(*args, **kwargs)
 
         kwargs["use_cache"] = False
@@ -80,7 +80,8 @@ def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_mode
             kwargs.setdefault("output_router_logits", True)
         # Looked up on each call: PEFT and FSDP replace modules after the patch
         backbone_outputs = getattr(self, backbone_attr)(*args, **kwargs)
-        hidden_states = backbone_outputs.last_hidden_state[:, :-1]
+        # Only the positions that predict a labelled token: prompt, padding and last positions cost nothing further
+        hidden_states = token_batch.hidden_states_of(backbone_outputs.last_hidden_state)
         aux_loss = None
         if kwargs.get("output_router_logits"):
             from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
@@ -95,12 +96,11 @@ def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_mode
             return TokenStatsOutput(hidden_states=hidden_states, aux_loss=aux_loss)
 
         head = lm_head_of(self)
-        shifted_labels = labels[:, 1:].to(head.device)
         hidden_states = hidden_states.to(head.device)
         stats = compute_token_stats(
             hidden_states,
             head,
-            shifted_labels,
+            token_batch.labels,
             ref_hidden_states=ref_hidden_states,
             ref_lm_head=ref_lm_head,
             chunk_size=chunk_size,

@@ -19,8 +19,8 @@ from .lm_head import LMHead, gathered_lm_head
 
 
 class TokenStats(NamedTuple):
-    """Per-token statistics, each of shape `[rows, seq_len - 1]` (aligned with the shifted labels) and zero where the
-    label is `-100`. Fields that were not requested are `None`."""
+    """Per-token statistics of the labelled tokens, each of shape `[N]` (one value per token of a
+    [`~trl_tokenpref.token_batch.TokenBatch`], in its order). Fields that were not requested are `None`."""
 
     log_probs: torch.Tensor  # log πθ(y_t|s_t), differentiable
     entropy: torch.Tensor  # H(πθ(·|s_t)), no gradient
@@ -31,20 +31,19 @@ class TokenStats(NamedTuple):
 
 
 class ReferenceCache(NamedTuple):
-    """The reference's next-token distribution at each labelled position, as `precompute_ref_log_probs=True` stores it
+    """The reference's next-token distribution at each labelled token, as `precompute_ref_log_probs=True` stores it
     (docs/algorithms.md §9): its k most likely tokens K and their log-probabilities, and the log of the mass m of every
-    other token, merged into one bucket. Shapes `(rows, seq)` or `(rows, seq, k)`, aligned with the shifted labels
-    (values outside the labelled positions are ignored).
+    other token, merged into one bucket. Shapes `[N]` or `[N, k]`, one row per labelled token.
 
     The per-token KL computed from it is `KL_K = Σ_{v∈K} p(v)[log p(v) − log q(v)] + m[log m − log Q]`, with
     `Q = Σ_{v∉K} q(v)` the policy's mass outside K: a lower bound of the exact KL (log-sum inequality), equal to it when
     πθ = π_ref or when K is the whole vocabulary.
     """
 
-    label_log_probs: torch.Tensor  # log π_ref(y_t|s_t), exact
-    topk_ids: torch.Tensor  # (rows, seq, k) int: K, the reference's k most likely tokens
-    topk_log_probs: torch.Tensor  # (rows, seq, k) float: log π_ref(v|s_t) for v in K
-    tail_log_mass: torch.Tensor  # (rows, seq) float: log m = log Σ_{v∉K} π_ref(v|s_t); -inf when K is everything
+    label_log_probs: torch.Tensor  # [N] log π_ref(y_t|s_t), exact
+    topk_ids: torch.Tensor  # [N, k] int: K, the reference's k most likely tokens
+    topk_log_probs: torch.Tensor  # [N, k] float: log π_ref(v|s_t) for v in K
+    tail_log_mass: torch.Tensor  # [N] float: log m = log Σ_{v∉K} π_ref(v|s_t); -inf when K is everything
 
 
 def compute_token_stats(
@@ -56,44 +55,44 @@ def compute_token_stats(
     chunk_size: int | None = None,
     ref_cache: ReferenceCache | None = None,
 ) -> TokenStats:
-    """Per-token statistics of the labelled positions, without materialising `[tokens, vocab]` logits.
+    """Per-token statistics of labelled tokens, without materialising `[tokens, vocab]` logits.
 
     Args:
-        hidden_states (`torch.Tensor` of shape `(rows, seq, hidden)`):
-            Final hidden states of the policy, already aligned with `labels` (position t predicts `labels[:, t]`).
+        hidden_states (`torch.Tensor` of shape `(N, hidden)`):
+            The policy's final hidden state that predicts each token (`TokenBatch.hidden_states_of`).
         lm_head ([`LMHead`]):
-            The policy's output projection.
-        labels (`torch.Tensor` of shape `(rows, seq)`):
-            Next-token labels, `-100` where no statistic is wanted (prompt, padding).
-        ref_hidden_states (`torch.Tensor` of shape `(rows, seq, hidden_ref)`, *optional*):
-            Final hidden states of the reference model. When given, `ref_log_probs` and `forward_kl` are computed.
+            The policy's output projection (read through `gathered_lm_head`: it may be sharded).
+        labels (`torch.Tensor` of shape `(N,)`):
+            The token each hidden state predicts.
+        ref_hidden_states (`torch.Tensor` of shape `(N, hidden_ref)`, *optional*):
+            The reference model's final hidden states at the same positions. When given, `ref_log_probs` and
+            `forward_kl` are computed.
         ref_lm_head ([`LMHead`], *optional*):
             The reference's output projection. Defaults to `lm_head` (PEFT: the reference is the same model with its
             adapter disabled, and the LM head carries no adapter).
         chunk_size (`int`, *optional*):
             Tokens projected at once. Defaults to [`default_token_chunk_size`].
         ref_cache ([`ReferenceCache`], *optional*):
-            The reference's stored top-k distribution, instead of `ref_hidden_states`: `ref_log_probs` are its exact
-            label log-probs, `forward_kl` the cached KL `KL_K` (docs/algorithms.md §9). No reference projection runs.
+            The reference's stored top-k distribution at the same tokens, instead of `ref_hidden_states`:
+            `ref_log_probs` are its exact label log-probs, `forward_kl` the cached KL `KL_K` (docs/algorithms.md §9).
+            No reference projection runs.
 
     Returns:
-        [`TokenStats`], every field of shape `(rows, seq)` and zero where `labels == -100`.
+        [`TokenStats`], every field of shape `(N,)`.
     """
-    mask = labels != -100
     if ref_cache is not None and ref_hidden_states is not None:
         raise ValueError("Give the reference as `ref_hidden_states` (live) or as `ref_cache` (precomputed), not both.")
-    if ref_hidden_states is not None and ref_lm_head is None:
-        # The same parameters (PEFT: the head carries no adapter), gathered as a constant
-        ref_lm_head = lm_head
     if ref_hidden_states is None:
         ref_lm_head = None
+    elif ref_lm_head is None:
+        ref_lm_head = lm_head  # the same parameters (PEFT: the head carries no adapter), gathered as a constant
+    device = hidden_states.device
     cache = (None,) * 3
     if ref_cache is not None:
-        device = hidden_states.device
         cache = (
-            ref_cache.topk_ids.to(device)[mask].long(),
-            ref_cache.topk_log_probs.to(device)[mask],
-            ref_cache.tail_log_mass.to(device)[mask],
+            ref_cache.topk_ids.to(device).long(),
+            ref_cache.topk_log_probs.to(device),
+            ref_cache.tail_log_mass.to(device),
         )
     # Both heads gathered while the pass reads them (ZeRO-3, FSDP2; free without sharding), and every size read inside.
     # Under FSDP2 the policy head is still sharded here only when it is an FSDP unit of its own (accelerate's layout
@@ -105,52 +104,45 @@ def compute_token_stats(
     ):
         vocab_size = policy_head.vocab_size
         if chunk_size is None:
-            chunk_size = default_token_chunk_size(vocab_size, hidden_states.device)
+            chunk_size = default_token_chunk_size(vocab_size, device)
         ref_params = (None, None) if ref_head is None else (ref_head.weight, ref_head.bias)
         log_probs, entropy, mean_logits, is_top1, ref_log_probs, forward_kl = _FusedTokenStats.apply(
-            hidden_states[mask],
+            hidden_states,
             policy_head.weight,
             policy_head.bias,
-            labels[mask],
-            None if ref_hidden_states is None else ref_hidden_states[mask].detach(),
+            labels.to(device),
+            None if ref_hidden_states is None else ref_hidden_states.to(device).detach(),
             *ref_params,
             *cache,
             (policy_head, ref_head),
             chunk_size,
-            _vocab_tile_size(vocab_size, hidden_states.device),
+            _vocab_tile_size(vocab_size, device),
         )
-
-    def scatter(values: torch.Tensor) -> torch.Tensor:
-        # `masked_scatter` keeps an all-masked micro-batch connected to the graph (a differentiable zero)
-        return values.new_zeros(mask.shape).masked_scatter(mask, values)
-
-    has_ref = ref_hidden_states is not None
     if ref_cache is not None:
-        ref_log_probs = ref_cache.label_log_probs.to(hidden_states.device)[mask].float()
-    has_kl = has_ref or ref_cache is not None
+        ref_log_probs = ref_cache.label_log_probs.to(device).float()
+    has_kl = ref_hidden_states is not None or ref_cache is not None
     return TokenStats(
-        log_probs=scatter(log_probs),
-        entropy=scatter(entropy),
-        mean_logits=scatter(mean_logits),
-        is_top1=scatter(is_top1),
-        ref_log_probs=scatter(ref_log_probs) if has_kl else None,
-        forward_kl=scatter(forward_kl) if has_kl else None,
+        log_probs=log_probs,
+        entropy=entropy,
+        mean_logits=mean_logits,
+        is_top1=is_top1,
+        ref_log_probs=ref_log_probs if has_kl else None,
+        forward_kl=forward_kl if has_kl else None,
     )
 
 
 def reference_top_k(
     hidden_states: torch.Tensor, lm_head: LMHead, labels: torch.Tensor, k: int, chunk_size: int | None = None
 ) -> ReferenceCache:
-    """The reference cache of the labelled positions: the reference's label log-prob, its `k` most likely tokens and
-    their log-probs, and the log of the mass outside them (a logsumexp over the logits outside the top k, never
-    `log(1 − Σ top-k)`). Without gradient; float32. `k` larger than the vocabulary keeps the whole vocabulary (the
-    bucket is then empty: `tail_log_mass = -inf`).
+    """The reference cache of labelled tokens (`hidden_states [N, H]`, `labels [N]`): the reference's label log-prob,
+    its `k` most likely tokens and their log-probs, and the log of the mass outside them (a logsumexp over the logits
+    outside the top k, never `log(1 − Σ top-k)`). Without gradient; float32. `k` larger than the vocabulary keeps the
+    whole vocabulary (the bucket is then empty: `tail_log_mass = -inf`).
 
     The logits of `chunk_size` tokens over the whole vocabulary exist at once (it runs once, before training).
     """
-    mask = labels != -100
-    hidden, token_labels = hidden_states[mask], labels[mask]
-    num_tokens, device = hidden.size(0), hidden_states.device
+    num_tokens, device = hidden_states.size(0), hidden_states.device
+    labels = labels.to(device)
     with torch.no_grad(), gathered_lm_head(lm_head, trainable=False) as head:
         vocab_size = head.vocab_size  # inside the gather: a ZeRO-3 shard has 0 rows
         k = min(k, vocab_size)
@@ -164,17 +156,10 @@ def reference_top_k(
         head = head._replace(weight=head.weight.detach(), bias=None if head.bias is None else head.bias.detach())
         for start in range(0, num_tokens, chunk_size):
             rows = slice(start, start + chunk_size)
-            logits, _ = _logits(hidden[rows].to(_compute_dtype(head.weight)), head)
+            logits, _ = _logits(hidden_states[rows].to(_compute_dtype(head.weight)), head)
             log_probs = logits.log_softmax(dim=-1)
-            label_log_probs[rows] = log_probs.gather(1, token_labels[rows].unsqueeze(1)).squeeze(1)
+            label_log_probs[rows] = log_probs.gather(1, labels[rows].unsqueeze(1)).squeeze(1)
             top = log_probs.topk(k, dim=-1)
             topk_ids[rows], topk_log_probs[rows] = top.indices, top.values
             tail_log_mass[rows] = log_probs.scatter_(1, top.indices, -math.inf).logsumexp(dim=-1)
-
-    def scatter(values: torch.Tensor) -> torch.Tensor:
-        shape = mask.shape + values.shape[1:]
-        out = values.new_zeros(shape)
-        out[mask] = values
-        return out
-
-    return ReferenceCache(scatter(label_log_probs), scatter(topk_ids), scatter(topk_log_probs), scatter(tail_log_mass))
+    return ReferenceCache(label_log_probs, topk_ids, topk_log_probs, tail_log_mass)
