@@ -214,6 +214,8 @@ def test_step_equals_the_unsharded_step(sharded, unsharded, stage, case, rank):
     metrics, expected_metrics = report["metrics"], expected_report["metrics"]
     assert metrics.keys() == expected_metrics.keys()
     for key, value in expected_metrics.items():
+        if key.startswith("padding/"):
+            continue  # the batch's layout, not a value of the pairs: each rank pads its own pairs to their own length
         gap = abs(metrics[key] - value)
         assert gap <= EQUIVALENCE_RTOL * metric_scale(expected_metrics, key), f"{key}: {metrics[key]} against {value}"
     if case == "lora":
