@@ -27,6 +27,7 @@ from trl import DPOConfig, DPOTrainer
 
 from . import checks, precompute
 from ._compat import disable_gradient_checkpointing, precompute_model_hash, precompute_reference_model, use_adapter
+from .checkpoints import TrainingGuardMixin
 from .losses import Metric
 from .precompute import (
     REF_CACHE_COLUMNS,
@@ -231,10 +232,12 @@ class _StreamedDropsCallback(TrainerCallback):
         )
 
 
-class TokenLevelDPOTrainer(DPOTrainer):
+class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
     """A [`~trl.DPOTrainer`] whose `compute_loss` works on per-token statistics computed in chunks.
 
     The constructor is DPOTrainer's. Subclasses set `_config_class` and write `compute_loss` with the helpers here.
+    [`~trl_tokenpref.checkpoints.TrainingGuardMixin`] adds to `Trainer`: checked resumes (`train(resume_from_checkpoint=
+    ...)`), a manifest in every checkpoint, a stop at the first non-finite step, and one run per `output_dir`.
     """
 
     _config_class = TokenLevelDPOConfig
