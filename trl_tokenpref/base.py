@@ -449,6 +449,7 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
             name=name,
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
+            vocab_size=self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size,
         )
 
     def _reference_top_k(self, model, inputs: dict, k: int) -> ReferenceCache:

@@ -428,8 +428,6 @@ def verify_checkpoint(checkpoint: str) -> CheckpointReport:
         problems += trainer_state_problems(os.path.join(checkpoint, TRAINER_STATE_NAME))
     for name in _checkpoint_files(checkpoint):
         path = os.path.join(checkpoint, name)
-        if name in mismatched:
-            continue
         if name.endswith(".safetensors"):
             problems += safetensors_problems(path)  # finite, whether or not a manifest vouches for the bytes
         elif manifest is None and name.endswith(_TORCH_ARCHIVE_SUFFIXES):
