@@ -286,13 +286,12 @@ def test_a_non_finite_gradient_norm_stops_the_run(tiny_model_path, tiny_tokenize
 
 
 def test_an_overflow_that_the_fp16_scaler_skipped_is_not_an_error():
-    """fp16 mixed precision: an overflowing gradient is how the gradient scaler learns to lower its scale; the step
-    is skipped, the weights are untouched. A non-finite loss is still an error (a forward overflow does not go away
-    with a lower scale)."""
+    """fp16 mixed precision: an overflowing gradient is how the loss scaler (torch's or DeepSpeed's) learns to lower
+    its scale; the step is skipped, the weights are untouched. A non-finite loss is still an error (a forward overflow
+    does not go away with a lower scale)."""
     accelerator = SimpleNamespace(
-        device=torch.device("cpu"), reduce=lambda tensor, reduction: tensor, scaler=object(),
-        optimizer_step_was_skipped=True,
-    )  # fmt: skip
+        device=torch.device("cpu"), reduce=lambda tensor, reduction: tensor, optimizer_step_was_skipped=True
+    )
     trainer = SimpleNamespace(
         accelerator=accelerator, state=SimpleNamespace(global_step=7, epoch=0.5), _last_good_checkpoint=None
     )

@@ -19,7 +19,8 @@ theirs through `cli.py`), for `trainer.train(resume_from_checkpoint=...)` in a u
   with the step, the likely causes and the last checkpoint saved ([`non_finite_step_error`]). `Trainer`'s
   `logging_nan_inf_filter` would otherwise log such a loss as the average of the others (0.0 when every step of the
   logging window is NaN), and every later checkpoint and the final model would hold NaN weights. Under fp16 mixed
-  precision, an overflowing gradient whose step the gradient scaler skipped is the scaler's normal work, not an error.
+  precision, an overflowing gradient whose step the loss scaler skipped (`accelerator.optimizer_step_was_skipped`:
+  torch's `GradScaler` or DeepSpeed's) is the scaler's normal work, not an error: the weights did not change.
 * **One run per `output_dir`** ([`hold_output_dir`]): the main process of a run holds an exclusive `flock` on
   `output_dir/_trl_tokenpref.lock`, which names the run (host, process id, start time, command). A second run (a
   double-submitted job, or the second of two independent processes that a misconfigured launcher started) is refused at
@@ -778,8 +779,8 @@ class TrainingGuardMixin:
             value = local[0] if local else "non-finite on another process"
             what = f"the loss is {value}"
         elif grad_norm_value is not None and not math.isfinite(grad_norm_value):
-            if getattr(accelerator, "scaler", None) is not None and accelerator.optimizer_step_was_skipped:
-                return  # fp16: the gradient scaler skipped this step and lowers its scale, as it should
+            if accelerator.optimizer_step_was_skipped:
+                return  # fp16: the gradient scaler (or DeepSpeed's loss scaler) skipped the step and lowers its scale
             what = f"the gradient norm is {grad_norm_value} (the loss is finite)"
         if what is not None:
             raise non_finite_step_error(self.state.global_step, self.state.epoch, what, self._last_good_checkpoint)
