@@ -253,7 +253,7 @@ def read_manifest(checkpoint: str) -> tuple[dict | None, str | None]:
 
 
 def data_shaping_changes(saved: dict, current: dict) -> list[str]:
-    """`name: saved → current` for each setting of [`run_description`] that differs (a setting the manifest does not
+    """`name saved → current` for each setting of [`run_description`] that differs (a setting the manifest does not
     record is not compared)."""
     return [
         f"{name} {saved[name]!r} → {current[name]!r}"
@@ -588,9 +588,13 @@ def acquire_output_dir(output_dir: str) -> bool:
     if path in _held_locks:
         _held_locks[path][1] += 1
         return True
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:  # a read-only folder: this run cannot write there either, it will say so itself
+            _logger().warning_once(f"Cannot lock {output_dir} ({error}): two runs into it would not be noticed.")
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
