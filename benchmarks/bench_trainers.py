@@ -243,13 +243,13 @@ def setup(args, vocabs, seqs, configs) -> dict:
 
 def _patch_naive_stats() -> None:
     """Full-logits statistics for every trainer of the package: `add_token_stats_head`'s forward calls
-    `token_stats.compute_token_stats`, looked up at call time."""
-    import trl_tokenpref.token_stats as token_stats
+    `model_forward.compute_token_stats`, looked up at call time."""
+    from trl_tokenpref.token_stats import model_forward, naive_token_stats
 
     def naive(hidden_states, lm_head, labels, ref_hidden_states=None, ref_lm_head=None, chunk_size=None):
-        return token_stats.naive_token_stats(hidden_states, lm_head, labels, ref_hidden_states, ref_lm_head)
+        return naive_token_stats(hidden_states, lm_head, labels, ref_hidden_states, ref_lm_head)
 
-    token_stats.compute_token_stats = naive
+    model_forward.compute_token_stats = naive
 
 
 def _time_precompute(trainer_class, calls: list) -> None:

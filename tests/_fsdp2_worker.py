@@ -46,6 +46,8 @@ CASES = {
     # The policy's LM head hand-wrapped as its own FSDP unit (not accelerate's layout): the fused pass reads its weight
     # without calling its forward, so FSDP never gathers it nor reduces its gradient; the pass must average it
     "tdpo2_head_unit": (TDPOTrainer, TDPOConfig, {"variant": "tdpo2", "alpha": 0.5}),
+    # Padding-free: the sharded policy and reference run on one packed row, attention per sequence
+    "tdpo2_packed": (TDPOTrainer, TDPOConfig, {"variant": "tdpo2", "alpha": 0.5, "padding_free": True}),
     # The reference cache: the reference ran once at init; the step runs the (sharded) policy only
     "tdpo2_cached": (
         TDPOTrainer,

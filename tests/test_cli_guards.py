@@ -469,6 +469,78 @@ def test_select_splits():
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Data files without rows (issue 24, item 6)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_empty_data_files_are_named_before_loading(assets, tmp_path):
+    """`datasets`' JSON builder fails on an empty file with a bare `StopIteration` (a whitespace-only one: "Instruction
+    'train' corresponds to no data"), naming no file: refused before the model is loaded, naming each file."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("")
+    (folder / "test.jsonl").write_text("\n\n")
+    for dataset_name, listed in [
+        (str(folder), f"{folder / 'test.jsonl'} (2 bytes), {folder / 'train.jsonl'} (0 bytes)"),
+        (str(folder / "train.jsonl"), f"{folder / 'train.jsonl'} (0 bytes)"),
+    ]:
+        args = asset_args("tdpo", assets) + ["--dataset_name", dataset_name, "--output_dir", str(tmp_path / "run")]
+        with pytest.raises(ValueError) as error:
+            run_script("tdpo", *args)
+        assert str(error.value) == (
+            f"The dataset {dataset_name} has data files without any row: {listed}. Write the rows into them (a write "
+            "that was interrupted leaves an empty file: run what wrote it again; `python -m trl_tokenpref.data DIR` "
+            "writes the default dataset), or remove them (the test split is only read when the run evaluates)."
+        )
+
+
+def test_which_data_files_are_empty(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trl_tokenpref.cli import empty_data_files
+
+    (tmp_path / "a.json").write_text(" [ ] ")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "a"}\n')
+    (tmp_path / "c.csv").write_text("")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "d.parquet")
+    pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "e.parquet")
+    (tmp_path / "notes.txt").write_text("")  # not a data file `load_dataset` reads
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "f.json").write_text("")  # hidden, as datasets skips it
+    empty = [Path(entry.split(" (")[0]).name for entry in empty_data_files(tmp_path)]
+    assert empty == ["a.json", "c.csv", "d.parquet"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Saved adapters and model cards name their base model (issue 24, item 8)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_saved_adapter_loads_from_another_directory_and_its_card_names_the_base(assets, tmp_path, monkeypatch):
+    """The recipes give the model as `./outputs/tiny-model`: stored as given, the adapter's base path only resolved
+    from the launch directory ("Repo id must be in the form ..." elsewhere), and TRL's card said "a fine-tuned version
+    of [None](https://huggingface.co/None)" for a local base."""
+    from peft import AutoPeftModelForCausalLM
+
+    model = Path(assets["model"])
+    monkeypatch.chdir(model.parent)
+    output_dir = tmp_path / "adapter"
+    args = asset_args("tdpo", assets) + ["--model_name_or_path", f"./{model.name}", "--output_dir", str(output_dir)]
+    run_script("tdpo", *args, "--use_peft", "--lora_r", "4", "--max_steps", "1", "--save_steps", "1",
+               "--eval_strategy", "no")  # fmt: skip
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(model.resolve())
+    card = (output_dir / "README.md").read_text()
+    assert f"This model is a fine-tuned version of the local model `{model.resolve()}`." in card
+    assert "[None]" not in card
+
+    monkeypatch.chdir(tmp_path)
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(str(output_dir))
+    assert reloaded.peft_config["default"].base_model_name_or_path == str(model.resolve())
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # A fresh run into an output_dir that holds checkpoints
 # ------------------------------------------------------------------------------------------------------------------
 

@@ -172,3 +172,31 @@ def test_trainer_save_and_step_hooks_we_override(tiny_model_path, tiny_tokenizer
     resumed = Spy(model=tiny_model_path, args=args, train_dataset=pairs, processing_class=tiny_tokenizer)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert ("rng", str(tmp_path / "checkpoint-2")) in calls
+
+
+def test_set_attn_implementation_and_the_attention_interfaces(tiny_model_path, tmp_path):
+    """What padding-free training relies on: a function registered with `AttentionInterface` (and a mask function with
+    `AttentionMaskInterface`) under a new name can be switched to on a loaded model, its layers then call it with the
+    keyword arguments given to the model's forward (`cu_seq_lens_q`), an all-ones `attention_mask` makes sdpa's mask
+    creation build no mask, and the name is not written to `config.json`."""
+    calls = []
+
+    def recording_attention(module, query, key, value, attention_mask, **kwargs):
+        calls.append((attention_mask, kwargs.get("cu_seq_lens_q")))
+        return _compat.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    _compat.AttentionInterface.register("test_recording_sdpa", recording_attention)
+    _compat.AttentionMaskInterface.register("test_recording_sdpa", _compat.sdpa_mask)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="sdpa")
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    _compat.set_attn_implementation(model, "test_recording_sdpa")
+    assert _compat.attn_implementation(model.config) == "test_recording_sdpa"
+    boundaries = torch.tensor([0, 4], dtype=torch.int32)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), cu_seq_lens_q=boundaries).logits
+    torch.testing.assert_close(logits, expected)
+    assert calls and all(mask is None and seq is boundaries for mask, seq in calls)
+    model.save_pretrained(tmp_path)
+    assert "test_recording_sdpa" not in (tmp_path / "config.json").read_text()

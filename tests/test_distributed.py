@@ -42,9 +42,12 @@ def logged_steps(output_dir: Path) -> list[dict]:
     return [entry for entry in state["log_history"] if "loss" in entry]
 
 
-def one_and_two_processes(method: str, tmp_path: Path, extra_args: list[str]) -> tuple[Path, Path]:
-    """Train `method` from its tiny recipe for MAX_STEPS steps with 2 processes × 2 pairs and 1 process × 4 pairs;
-    return the two output directories (each with its final checkpoint)."""
+def one_and_two_processes(
+    method: str, tmp_path: Path, extra_args: list[str], two_process_args: tuple[str, ...] = ()
+) -> tuple[Path, Path]:
+    """Train `method` from its tiny recipe for MAX_STEPS steps with 2 processes × 2 pairs and 1 process × 4 pairs
+    (`two_process_args` for the two processes only); return the two output directories (each with its final
+    checkpoint)."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     # accelerate is a dependency of the package: a missing launcher is a broken install, not a reason to skip
     assert accelerate is not None, "the `accelerate` launcher is not on PATH (pip install accelerate)"
@@ -67,7 +70,7 @@ def one_and_two_processes(method: str, tmp_path: Path, extra_args: list[str]) ->
     common += ["--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", str(MAX_STEPS), *extra_args]
 
     run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", *common, "--per_device_train_batch_size", "2",
+         "--dynamo_backend", "no", *common, *two_process_args, "--per_device_train_batch_size", "2",
          "--output_dir", str(tmp_path / "two")])  # fmt: skip
     run([sys.executable, *common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
     return tmp_path / "one", tmp_path / "two"
@@ -109,6 +112,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert_same_trajectory(one, two, dict.fromkeys(keys, EQUIVALENCE_RTOL))
     initial = tmp_path / "model" / "model.safetensors"
     assert_same_weights(one, two, "model.safetensors", EQUIVALENCE_RTOL, initial=initial)
+
+
+@pytest.mark.distributed
+def test_two_packed_processes_match_one_padded_process(tmp_path):
+    """`padding_free=True` under DDP: two processes × 2 packed pairs follow one process × 4 padded pairs."""
+    one, two = one_and_two_processes("tdpo", tmp_path, [], ("--padding_free",))
+    keys = ["loss", "kl/chosen", "kl/rejected", "kl/margin", "rewards/margins", "logps/chosen"]
+    assert_same_trajectory(one, two, dict.fromkeys(keys, EQUIVALENCE_RTOL))
+    initial = tmp_path / "model" / "model.safetensors"
+    assert_same_weights(one, two, "model.safetensors", EQUIVALENCE_RTOL, initial=initial)
+    # The padding each process's packed batches did not compute (of its own padded layout: not comparable with the
+    # one process's, whose rows are padded to the longest of 8 sequences)
+    assert all(0 < step["padding/fraction"] < 1 for step in logged_steps(two))
 
 
 @pytest.mark.slow

@@ -74,7 +74,9 @@ def test_sampling_arguments_are_checked(model, tiny_tokenizer):
 
 def test_a_reference_with_another_vocabulary_is_refused_before_sampling(model, wider_model, tiny_tokenizer):
     vocab_size = model.config.vocab_size
-    expected = rf"different vocabularies \({vocab_size} and {vocab_size + 64} output logits\)"
+    expected = (
+        rf"The reference's vocabulary has {vocab_size + 64} entries but the policy's has {vocab_size} \(the widths"
+    )
     with pytest.raises(ValueError, match=expected):
         evaluate_policy(model, wider_model, tiny_tokenizer, PROMPTS, text_length_reward, max_new_tokens=2)
     with pytest.raises(ValueError, match=expected):
@@ -192,7 +194,7 @@ def test_callback_refuses_a_reference_with_another_vocabulary_when_training_begi
         callbacks=[callback],
     )
     initial = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
-    with pytest.raises(ValueError, match="different vocabularies"):
+    with pytest.raises(ValueError, match="The reference's vocabulary has 576 entries but the policy's has 512"):
         trainer.train()
     # Refused before the first step: no parameter moved
     assert trainer.state.global_step == 0

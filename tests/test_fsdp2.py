@@ -2,8 +2,8 @@
 gradients.
 
 `tests/_fsdp2_worker.py` runs under `torchrun --nproc_per_node 2`. Per trainer (TDPO-2, TBPO-A, TBPO-Q with its
-baseline head, TGDPO with a guidance model, TDPO-2 with the LM head wrapped as its own unit, TDPO-2 with the reference
-cache) it computes the loss and the gradients unsharded on the full batch, then
+baseline head, TGDPO with a guidance model, TDPO-2 with the LM head wrapped as its own unit, TDPO-2 on packed batches
+(`padding_free=True`), TDPO-2 with the reference cache) it computes the loss and the gradients unsharded on the full batch, then
 shards the policy as accelerate's FSDP2 plugin does (each decoder layer, the embedding, the final norm with the LM
 head, then the root) and the reference and guidance models as TRL's `prepare_fsdp` does (the root), and computes them
 again:
@@ -14,7 +14,7 @@ again:
   be *exactly* the unsharded ones: any difference means that sharding changed the computation.
 * with **each rank's half of the batch**, as in data-parallel training. Every loss is a mean over pairs, so the
   averaged gradient equals the full batch's in exact arithmetic. The models are float64, but the fused pass computes
-  the per-token statistics and accumulates the LM head's gradient in float32 (token_stats.py), so the two
+  the per-token statistics and accumulates the LM head's gradient in float32 (token_stats/fused.py), so the two
   computations differ by float32 rounding of sums over the 76 completion tokens of the batch: at most 76 × 2⁻²⁴ ≈
   4.5e-6 relative, hence `SPLIT_RTOL = 1e-5` (measured: 2.4e-7 at most). The control: each rank's own
   half-batch gradient differs from the full batch's by more than 10 % for every parameter (measured: 68 % or more),
@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "_fsdp2_worker.py"
-CASES = ["tdpo2", "tbpo_a", "tbpo_q", "tgdpo", "tdpo2_head_unit", "tdpo2_cached"]
+CASES = ["tdpo2", "tbpo_a", "tbpo_q", "tgdpo", "tdpo2_head_unit", "tdpo2_packed", "tdpo2_cached"]
 SPLIT_RTOL = 1e-5  # float32 rounding of the fused pass's sums, see the module docstring
 CONTROL_MIN_GAP = 0.1  # a gradient without the reduction across ranks is this far off at least (measured: 0.68)
 

@@ -122,6 +122,11 @@ def assistant(content):
         (dict(chosen=[]), r"the chosen completion is an empty list of messages"),
         (dict(rejected=[assistant("  ")]), r"the rejected completion is empty"),
         (dict(prompt=[user("")]), r"every message of the prompt is empty"),
+        (
+            dict(chosen=[{"role": None, "content": "hi"}]),
+            r"message 0 of `chosen` has the role None, but a message's role must be a string such as 'system', "
+            r"'user', 'assistant' or 'tool' .*reads back with `role: None`\. Give every message its role\.",
+        ),
     ],
 )
 def test_conversational_rows(fields, message, tiny_model_path, tiny_tokenizer, conversational, tmp_path):
@@ -376,6 +381,145 @@ def test_tokenizer_loaded_from_the_model_path_is_checked(tiny_model_path, tiny_t
         TDPOTrainer(model=str(model_dir), args=validation_args(tmp_path / "run"), train_dataset=standard)
 
 
+def test_conversational_rows_need_a_chat_template(tiny_model_path, tiny_tokenizer, conversational, tmp_path):
+    """Without a chat template, transformers' error comes from deep inside the tokenization and names neither the
+    dataset nor what to pass: ours says both."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = None
+    with pytest.raises(
+        ValueError,
+        match=r"^The train dataset is conversational .* has no chat template to render the messages into text\. "
+        r"Pass as `processing_class` a tokenizer whose `chat_template` is set.*`chat_template\.jinja`.*standard format",
+    ) as error:
+        build(tiny_model_path, conversational, tokenizer, tmp_path)
+    assert raised_by_our_check(error)
+
+
+# ------------------------------------------------------------------------- vocabularies and token ids (issue 24)
+
+
+@pytest.fixture(scope="module")
+def wider_model(tiny_model_path):
+    """The tiny model with 10 more rows in its embedding and LM head (522 against 512): another vocabulary."""
+    wider = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    wider.resize_token_embeddings(wider.config.vocab_size + 10, mean_resizing=False)
+    return wider
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["live", "precompute"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_reference_with_another_vocabulary_is_refused(
+    method, precompute, tiny_model_path, tiny_tokenizer, standard, wider_model, tmp_path
+):
+    """TDPO trained with such a reference without a word (its `kl/chosen` was 0.295 instead of 0.04). Refused for
+    every method, before the precompute reads the reference (inside DPOTrainer's init) or training does."""
+    with pytest.raises(
+        ValueError,
+        match=r"^The reference model's vocabulary has 522 entries but the policy's has 512 \(the widths of their "
+        r"output logits\): .* so they must use one tokenizer\. Pass as `ref_model` the model the policy starts from",
+    ) as error:
+        build(
+            tiny_model_path,
+            standard,
+            tiny_tokenizer,
+            tmp_path,
+            method,
+            {"ref_model": wider_model},
+            precompute_ref_log_probs=precompute,
+        )
+    assert raised_by_our_check(error)
+
+
+def test_vocabulary_sizes_are_read_without_the_weights(tiny_model_path):
+    """Under DeepSpeed ZeRO-3 a partitioned weight has the shape [0], and a quantised head's weight is packed: the
+    sizes come from the modules' `out_features` / `num_embeddings` (or the config), never from a weight's shape."""
+    from trl_tokenpref.checks import embedding_rows, output_vocab_size
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    model.lm_head.weight = torch.nn.Parameter(torch.empty(0))
+    model.model.embed_tokens.weight = torch.nn.Parameter(torch.empty(0))
+    assert output_vocab_size(model) == embedding_rows(model) == 512
+    model.lm_head = torch.nn.Identity()  # no `out_features`: the config's size
+    assert output_vocab_size(model) == 512
+
+
+def with_added_tokens(tokenizer, count: int):
+    """The tokenizer with `count` tokens added after its last id (as `tokenizer.add_tokens` does for a new task)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_tokens([f"<new{i}>" for i in range(count)])
+    return tokenizer
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["live", "precompute"])
+def test_token_ids_beyond_the_embedding_are_refused(precompute, tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    """A tokenizer with tokens added (ids 512-515) and no resize of the 512-row embedding: training crashed after 3
+    steps with `IndexError: index out of range in self`. Now refused before any step (and before the precompute),
+    naming the id, its row, both sizes and the fix."""
+    tokenizer = with_added_tokens(tiny_tokenizer, 4)
+    dataset = edit_rows(standard, {3: {"chosen": standard[3]["chosen"] + " <new3>"}})
+    with pytest.raises(
+        ValueError,
+        match=r"^The train dataset holds token id 515 \(row 3, `chosen_ids`\), but the model's embedding has 512 "
+        r"rows \(ids 0 to 511\): the tokenizer \(516 tokens, largest id 515\) is not the model's, or tokens were "
+        r"added to it without resizing the model\. .*`model\.resize_token_embeddings\(len\(tokenizer\)\)`",
+    ) as error:
+        build(tiny_model_path, dataset, tokenizer, tmp_path, precompute_ref_log_probs=precompute)
+    assert raised_by_our_check(error)
+
+
+def test_a_pad_token_beyond_the_embedding_is_refused(tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    """A pad token added without a resize: the data holds no such id, but every padded batch does."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_special_tokens({"pad_token": "<new_pad>"})
+    with pytest.raises(
+        ValueError,
+        match=r"^Batches are padded with the token id 512 \(the pad token\), but the model's embedding has 512 rows.*"
+        r"To pad without a new token, set `tokenizer\.pad_token = tokenizer\.eos_token`",
+    ):
+        build(tiny_model_path, standard, tokenizer, tmp_path)
+
+
+def test_a_larger_tokenizer_is_warned_and_a_padded_embedding_is_fine(
+    tiny_model_path, tiny_tokenizer, standard, tmp_path, caplog
+):
+    """Tokens the data never uses, beyond the embedding: DPOTrainer trains, so do we, with a warning naming both
+    sizes. A tokenizer smaller than the embedding (real models pad their vocabulary) is normal: nothing said."""
+    from trl_tokenpref.tiny import build_tiny_model
+
+    with caplog.at_level(logging.WARNING):
+        build(tiny_model_path, standard, with_added_tokens(tiny_tokenizer, 4), tmp_path)
+    warned = [r.getMessage() for r in caplog.records if "has ids that the model cannot embed" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert warned[0].startswith(
+        "The tokenizer (516 tokens, largest id 515) has ids that the model cannot embed: the model's embedding has "
+        "512 rows (ids 0 to 511)."
+    )
+    assert "resize_token_embeddings" in warned[0]
+
+    caplog.clear()
+    padded = build_tiny_model(tmp_path / "padded", pad_vocab_to=640)
+    with caplog.at_level(logging.WARNING):
+        build(padded, standard, tiny_tokenizer, tmp_path)
+    assert "cannot embed" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------- identical pairs (issue 23)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_dataset_of_identical_pairs_only_is_refused(method, tiny_model_path, tiny_tokenizer, standard, tmp_path):
+    """Every pair with chosen == rejected: nothing to learn (the loss stays at ln 2, yet the optimiser moves the
+    weights; TGDPO, which drops such pairs, was left with an empty dataset and a bare `num_samples=0`)."""
+    identical = standard.map(lambda row: {"rejected": row["chosen"]})
+    with pytest.raises(
+        ValueError,
+        match=r"^Every pair of the train dataset \(16 rows\) has identical chosen and rejected completions \(the same "
+        r"tokens\), so the dataset expresses no preference.*Check how the `rejected` column was built.*dataset\.filter",
+    ) as error:
+        build(tiny_model_path, identical, tiny_tokenizer, tmp_path, method)
+    assert raised_by_our_check(error)
+
+
 # -------------------------------------------------------------------------------------------- LM head and PEFT
 
 
@@ -408,9 +552,10 @@ def test_trained_lm_head_copy_is_not_the_reference(tiny_model_path, tiny_tokeniz
         policy_logits = trainer.model(**model_inputs).logits[:, :-1]
     ref_log_probs = F.log_softmax(ref_logits.float(), -1).gather(-1, labels).squeeze(-1)
     policy_log_probs = F.log_softmax(policy_logits.float(), -1).gather(-1, labels).squeeze(-1)
-    torch.testing.assert_close(stats.log_probs[mask], policy_log_probs[mask], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(stats.ref_log_probs[mask], ref_log_probs[mask], rtol=1e-4, atol=1e-4)
-    assert stats.forward_kl[mask].mean() > 1e-3
+    # The statistics are flat, one per labelled token in row order: the padded grid's masked positions, in order
+    torch.testing.assert_close(stats.log_probs, policy_log_probs[mask], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stats.ref_log_probs, ref_log_probs[mask], rtol=1e-4, atol=1e-4)
+    assert stats.forward_kl.mean() > 1e-3
 
 
 def test_trainable_token_rows_of_the_lm_head_are_refused(tiny_model_path, tiny_tokenizer, standard, tmp_path):

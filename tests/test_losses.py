@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from testing_utils import aligned_by_completion_index
 from torch.testing import assert_close
 
 from trl_tokenpref.losses import (
@@ -18,7 +19,6 @@ from trl_tokenpref.losses import (
     TGDPOLossOutput,
     bregman_loss,
     center_log_weights,
-    compact_completion_tokens,
     sequence_sum,
     tbpo_loss,
     tdpo_loss,
@@ -49,14 +49,6 @@ def _softplus(x: float) -> float:
 def _grads(loss: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True, retain_graph=True)
     return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
-
-
-def _aligned(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TRL layout [2B, L] (chosen rows first) → chosen [B, K], rejected [B, K], pair mask [B, K]."""
-    compacted, compacted_mask = compact_completion_tokens(values, mask)
-    chosen, rejected = compacted.chunk(2)
-    chosen_mask, rejected_mask = compacted_mask.chunk(2)
-    return chosen, rejected, chosen_mask & rejected_mask
 
 
 def _layout(completions: list[list[float]], side: str, length: int = 12, prompt: int = 3) -> tuple:
@@ -95,7 +87,7 @@ GENERATOR_IDS = [f"{g}-{lam}-{s}" for g, lam, s in GENERATOR_CASES]
 
 
 # ==================================================================================================================
-# sequence_sum and compact_completion_tokens
+# sequence_sum
 # ==================================================================================================================
 
 
@@ -134,48 +126,6 @@ def test_sequence_sum_doubles_for_doubled_response():
         doubled = tdpo_loss(d_rho, zero, zero, d_kl, beta=0.1, variant=variant).losses
         rescaled = tdpo_loss(s_rho, zero, zero, s_kl, beta=0.2, variant=variant).losses
         assert_close(doubled, rescaled)
-
-
-def test_compact_completion_tokens_hand_example():
-    """Row 0: mask [0,1,0,1,1] → [b, d, e]; row 1: mask [0,0,1,0,0] → [h, 0, 0]; K = 3.
-
-    The gradient of Σ c_k · k+1 flows back to the original columns: row 0 gets [0,1,0,2,3], row 1 [0,0,1,0,0].
-    """
-    values = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0], [6.0, 7.0, 8.0, 9.0, 10.0]], requires_grad=True)
-    mask = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 1, 0, 0]])
-    compacted, compacted_mask = compact_completion_tokens(values, mask)
-    assert_close(compacted, torch.tensor([[2.0, 4.0, 5.0], [8.0, 0.0, 0.0]]))
-    assert compacted_mask.dtype == torch.bool
-    assert compacted_mask.tolist() == [[True, True, True], [True, False, False]]
-    (compacted * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
-    assert_close(values.grad, torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0], [0.0, 0.0, 1.0, 0.0, 0.0]]))
-
-
-def test_compact_completion_tokens_edge_cases_and_garbage():
-    """An all-zero mask gives K = 1 and zeros; NaN in unmasked slots reaches neither output nor gradient; the dtype
-    of the values is kept (compaction does no arithmetic)."""
-    empty, empty_mask = compact_completion_tokens(torch.randn(2, 4), torch.zeros(2, 4))
-    assert empty.shape == (2, 1) and empty_mask.shape == (2, 1)
-    assert_close(empty, torch.zeros(2, 1))
-    assert not empty_mask.any()
-    no_cols, no_cols_mask = compact_completion_tokens(torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.bool))
-    assert no_cols.shape == (3, 1) and not no_cols_mask.any()
-
-    values = torch.tensor(
-        [[float("nan"), 1.0, float("inf")], [2.0, float("nan"), 3.0]], dtype=torch.bfloat16, requires_grad=True
-    )
-    mask = torch.tensor([[False, True, False], [True, False, True]])
-    compacted, compacted_mask = compact_completion_tokens(values, mask)
-    assert compacted.dtype == torch.bfloat16
-    assert_close(compacted.float(), torch.tensor([[1.0, 0.0], [2.0, 3.0]]))
-    compacted.float().sum().backward()
-    assert torch.isfinite(values.grad.float()).all()
-    assert_close(values.grad.float(), mask.float())
-
-
-# ==================================================================================================================
-# TDPO
-# ==================================================================================================================
 
 
 def test_tdpo_hand_computed():
@@ -691,8 +641,8 @@ def test_tbpo_appending_to_longer_response_changes_nothing():
     longer_values, longer_mask = _layout(
         [chosen[0] + [7.0, -3.0], chosen[1]] + [rejected[0], rejected[1] + [5.0]], "right"
     )
-    out = tbpo_loss(*_aligned(values, mask), beta=0.1, generator="sba", generator_lambda=0.5)
-    longer = tbpo_loss(*_aligned(longer_values, longer_mask), beta=0.1, generator="sba", generator_lambda=0.5)
+    out = tbpo_loss(*aligned_by_completion_index(values, mask), beta=0.1, generator="sba", generator_lambda=0.5)
+    longer = tbpo_loss(*aligned_by_completion_index(longer_values, longer_mask), beta=0.1, generator="sba", generator_lambda=0.5)
     assert_close(longer.losses, out.losses)
     (g,), (g_longer,) = _grads(out.losses, values), _grads(longer.losses, longer_values)
     assert_close(g_longer[mask], g[mask])
@@ -709,8 +659,8 @@ def test_tbpo_padding_side_invariance():
     for side in ("right", "left", "flush", "ragged"):
         values, mask = _layout(chosen + rejected, side)
         kl_values, _ = _layout([[abs(v) for v in row] for row in chosen + rejected], side)
-        cw, cl, pair_mask = _aligned(values, mask)
-        kw, kl, _ = _aligned(kl_values, mask)
+        cw, cl, pair_mask = aligned_by_completion_index(values, mask)
+        kw, kl, _ = aligned_by_completion_index(kl_values, mask)
         out = tbpo_loss(cw, cl, pair_mask, beta=0.1, log_weights=kl - kw)
         (g,) = _grads(out.losses, values)
         assert torch.isfinite(out.losses).all() and torch.isfinite(g).all()
@@ -870,7 +820,3 @@ def test_tbpo_bad_arguments():
         tbpo_loss(torch.zeros(3), torch.zeros(3), torch.ones(3), beta=0.1)
     with pytest.raises(ValueError, match="`clamp` must be > 0"):
         center_log_weights(x, m, clamp=0.0)
-    with pytest.raises(ValueError, match=r"same 2-D shape \[R, L\]"):
-        compact_completion_tokens(torch.zeros(2, 3), torch.ones(2, 4))
-    with pytest.raises(ValueError, match=r"same 2-D shape \[R, L\]"):
-        compact_completion_tokens(torch.zeros(3), torch.ones(3))

@@ -18,19 +18,19 @@ import math
 
 import pytest
 import torch
+from testing_utils import aligned_by_completion_index, padded_token_stats
 
-import trl_tokenpref.token_stats as token_stats
+import trl_tokenpref.token_stats.fused as fused_kernel
 from trl_tokenpref.losses import (
     _MAX_SAFE_EXPONENT,
     _exponent_coefficient,
     center_log_weights,
-    compact_completion_tokens,
     sequence_sum,
     tbpo_loss,
     tdpo_loss,
 )
 from trl_tokenpref.losses import tgdpo_loss as tgdpo_loss_fn
-from trl_tokenpref.token_stats import LMHead, compute_token_stats, naive_token_stats
+from trl_tokenpref.token_stats import LMHead, naive_token_stats
 
 
 CASES = 60
@@ -187,10 +187,7 @@ def test_tbpo_loss(case):
     baseline_clamp = (10.0, math.inf)[case % 2]
 
     def aligned(values):
-        compacted, compacted_mask = compact_completion_tokens(values, mask)
-        chosen, rejected = compacted.chunk(2)
-        chosen_mask, rejected_mask = compacted_mask.chunk(2)
-        return chosen, rejected, chosen_mask & rejected_mask
+        return aligned_by_completion_index(values, mask)
 
     def build(x):
         chosen_rho, rejected_rho, pair_mask = aligned(x["rho"])
@@ -224,9 +221,9 @@ def test_tbpo_loss(case):
 @pytest.fixture(params=["small_vocab_tiles", "one_vocab_tile"])
 def vocab_tile(request, monkeypatch):
     """Fold the vocabulary in several small tiles (the online-softmax merge is where infinities meet) or one.
-    `monkeypatch.setattr` fails if `token_stats` renames its tile constant: this coverage must not vanish silently."""
+    `monkeypatch.setattr` fails if the fused kernel renames its tile constant: this coverage must not vanish silently."""
     tile = 7 if request.param == "small_vocab_tiles" else 10**6
-    monkeypatch.setattr(token_stats, "CPU_VOCAB_TILE", tile)
+    monkeypatch.setattr(fused_kernel, "CPU_VOCAB_TILE", tile)
     return tile
 
 
@@ -287,7 +284,7 @@ def test_token_stats(case, vocab_tile):
         loss.backward()
         return stats, loss, x
 
-    stats, loss, x = run(compute_token_stats, dtype, chunk_size=chunk_size)
+    stats, loss, x = run(padded_token_stats, dtype, chunk_size=chunk_size)
     # The exact gradients' magnitudes, from the naive full-logits computation on the same (rounded) values in float32
     _, exact_loss, exact = run(lambda *a: naive_token_stats(*a), torch.float32)
     assert torch.isfinite(exact_loss)

@@ -20,13 +20,20 @@ import pytest
 import torch
 from datasets import Dataset, load_from_disk
 from peft import LoraConfig
-from testing_utils import collated_batch, fast_args, loss_and_grads, perturb
+from testing_utils import (
+    collated_batch,
+    fast_args,
+    loss_and_grads,
+    padded_reference_top_k,
+    padded_token_stats,
+    perturb,
+)
 
-import trl_tokenpref.token_stats as token_stats
+import trl_tokenpref.token_stats.fused as fused_kernel
 from trl_tokenpref import TBPOConfig, TBPOTrainer, TDPOConfig, TDPOTrainer
 from trl_tokenpref.losses import sequence_sum, tdpo_loss
 from trl_tokenpref.precompute import REF_CACHE_COLUMNS, cache_bytes_per_token, check_per_token_columns
-from trl_tokenpref.token_stats import LMHead, ReferenceCache, compute_token_stats, naive_token_stats, reference_top_k
+from trl_tokenpref.token_stats import LMHead, ReferenceCache, naive_token_stats
 
 
 RTOL = 1e-5  # float32 statistics (see the module docstring)
@@ -56,7 +63,7 @@ def cache_of(ref_logits: torch.Tensor, labels: torch.Tensor, k: int) -> Referenc
 
 @pytest.fixture(params=[7, 4096], ids=["vocab-tiles-of-7", "one-tile"])
 def vocab_tile(request, monkeypatch):
-    monkeypatch.setattr(token_stats, "CPU_VOCAB_TILE", request.param)
+    monkeypatch.setattr(fused_kernel, "CPU_VOCAB_TILE", request.param)
     return request.param
 
 
@@ -77,7 +84,7 @@ class TestCachedKL:
     def test_value_and_gradient_equal_the_definition(self, k, vocab_tile):
         h, weight, ref_logits, labels = self.inputs()
         mask = labels != -100
-        stats = compute_token_stats(h, LMHead(weight), labels, ref_cache=cache_of(ref_logits, labels, k), chunk_size=4)
+        stats = padded_token_stats(h, LMHead(weight), labels, ref_cache=cache_of(ref_logits, labels, k), chunk_size=4)
         expected_kl = torch.where(mask, independent_cached_kl(h @ weight.T, ref_logits, k), 0.0)
         expected_lp = torch.where(
             mask, (h @ weight.T).log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0
@@ -101,16 +108,16 @@ class TestCachedKL:
         ).solution
         ref_logits = ref_hidden @ ref_weight
         exact = naive_token_stats(h, LMHead(weight), labels, ref_hidden, LMHead(ref_weight.T.contiguous())).forward_kl
-        full = compute_token_stats(h, LMHead(weight), labels, ref_cache=cache_of(ref_logits, labels, self.vocab))
+        full = padded_token_stats(h, LMHead(weight), labels, ref_cache=cache_of(ref_logits, labels, self.vocab))
         torch.testing.assert_close(full.forward_kl.double(), exact.double(), rtol=RTOL, atol=RTOL)
         for k in (1, 3, 10):
-            cached = compute_token_stats(h, LMHead(weight), labels, ref_cache=cache_of(ref_logits, labels, k))
+            cached = padded_token_stats(h, LMHead(weight), labels, ref_cache=cache_of(ref_logits, labels, k))
             assert (cached.forward_kl.double() <= exact.double() + RTOL).all()  # log-sum inequality
 
     def test_zero_when_the_policy_is_the_reference(self, vocab_tile):
         h, weight, _, labels = self.inputs(seed=2)
         cache = cache_of(h.detach() @ weight.detach().T, labels, 4)
-        stats = compute_token_stats(h, LMHead(weight), labels, ref_cache=cache)
+        stats = padded_token_stats(h, LMHead(weight), labels, ref_cache=cache)
         assert stats.forward_kl.abs().max() < 1e-5
         (grad,) = torch.autograd.grad(stats.forward_kl.sum(), weight)
         assert grad.abs().max() < 1e-5  # ∂KL_K/∂z = q − p = 0 in and outside K
@@ -125,7 +132,7 @@ class TestCachedKL:
         logits_offset.scatter_(-1, cache.topk_ids, 0.0)
         features = torch.cat([h.detach(), logits_offset], -1).requires_grad_()
         head = torch.cat([weight.detach(), torch.eye(self.vocab, dtype=torch.float64)], -1).requires_grad_()
-        stats = compute_token_stats(features, LMHead(head), labels, ref_cache=cache)
+        stats = padded_token_stats(features, LMHead(head), labels, ref_cache=cache)
         expected = independent_cached_kl(features @ head.T, ref_logits, 3)
         mask = labels != -100
         assert torch.isfinite(stats.forward_kl).all()
@@ -136,7 +143,7 @@ class TestCachedKL:
     def test_reference_top_k(self, vocab_tile):
         h, weight, _, labels = self.inputs(seed=4)
         for k in (1, 6, 50, 99):
-            cache = reference_top_k(h.detach(), LMHead(weight.detach()), labels, k, chunk_size=5)
+            cache = padded_reference_top_k(h.detach(), LMHead(weight.detach()), labels, k, chunk_size=5)
             expected = cache_of(h.detach() @ weight.detach().T, labels, k)
             mask = labels != -100
             assert cache.topk_ids.shape[-1] == min(k, self.vocab)

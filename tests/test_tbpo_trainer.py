@@ -332,9 +332,15 @@ class TestMetrics:
         assert dpo_metric_keys["train"] | own_keys <= set(metrics)
         assert not variant_keys["tbpo_a" if variant == "tbpo_q" else "tbpo_q"] & set(metrics)
         # DPO's rewards keep DPO's meaning: β Σ_t ρ_t per completion
+        # The statistics are flat, one per labelled token in row order: the padded grid's masked positions, in order
         mask = batch["completion_mask"][:, 1:].bool()
-        stats = trainer._policy_forward(trainer.model, batch, trainer._reference_hidden_states(batch)).stats
-        chosen_sums = torch.where(mask, stats.log_probs - stats.ref_log_probs, 0.0).sum(1).chunk(2)[0]
+        stats = trainer._policy_forward(
+            trainer.model, batch, ref_hidden_states=trainer._reference_hidden_states(batch)
+        ).stats
+        logratios = torch.zeros(mask.shape, dtype=stats.log_probs.dtype).masked_scatter(
+            mask, stats.log_probs - stats.ref_log_probs
+        )
+        chosen_sums = logratios.sum(1).chunk(2)[0]
         assert metrics["rewards/chosen"] == pytest.approx(0.3 * chosen_sums.mean().item(), abs=1e-5)
         lengths = batch["completion_mask"].sum(dim=1).chunk(2)
         assert metrics["min_length"] == pytest.approx(torch.minimum(*lengths).float().mean().item())
@@ -356,9 +362,8 @@ class TestBaselineHead:
         assert not any(p is q for p in head.parameters() for q in trainer.model.parameters())
         perturb(trainer.model)
         batch = collated_batch(trainer)
-        mask = batch["completion_mask"][:, 1:].bool()
         outputs = trainer._policy_forward(trainer.model, batch, return_hidden_states=True)
-        trainer._state_baselines(outputs.hidden_states, mask).pow(2).sum().backward()
+        trainer._state_baselines(outputs.hidden_states).pow(2).sum().backward()
         assert all(p.grad is None for p in trainer.model.parameters())
         assert all(p.grad is not None for p in head.parameters())
 

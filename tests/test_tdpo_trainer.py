@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
 from trl_tokenpref import TDPOConfig, TDPOTrainer
-from trl_tokenpref.losses import sequence_sum
+from trl_tokenpref.token_batch import TokenBatch
 
 
 class TestEquivalenceWithDPO:
@@ -127,15 +127,16 @@ class TestTokenStatistics:
         lse_magnitude = (policy_logits.logsumexp(-1).abs() + ref_logits.logsumexp(-1).abs()).detach()
         label_log_probs = torch.cat([policy_log_probs.gather(-1, labels), ref_log_probs.gather(-1, labels)], dim=-1)
         label_magnitude = label_log_probs.abs().sum(-1).detach()
-        kl_error = (stats.forward_kl.double() - naive_kl).abs().detach()
-        logratio_error = ((stats.log_probs - stats.ref_log_probs).double() - naive_logratio).abs().detach()
-        assert (kl_error[mask] <= EQUIVALENCE_RTOL * lse_magnitude[mask]).all(), (kl_error / lse_magnitude).max()
-        assert (logratio_error[mask] <= EQUIVALENCE_RTOL * label_magnitude[mask]).all()
-        assert (stats.forward_kl[mask] > 0).all()
-        assert (stats.forward_kl[~mask] == 0).all()
+        # The statistics are flat, one per labelled token in row order: the padded grid's masked positions, in order
+        kl_error = (stats.forward_kl.double() - naive_kl[mask]).abs().detach()
+        logratio_error = ((stats.log_probs - stats.ref_log_probs).double() - naive_logratio[mask]).abs().detach()
+        assert (kl_error <= EQUIVALENCE_RTOL * lse_magnitude[mask]).all(), (kl_error / lse_magnitude[mask]).max()
+        assert (logratio_error <= EQUIVALENCE_RTOL * label_magnitude[mask]).all()
+        assert stats.forward_kl.shape == (int(mask.sum()),)
+        assert (stats.forward_kl > 0).all()
         # Same gradient w.r.t. the parameters for a loss on the summed KL (the LM head's included)
         chosen_weight = torch.linspace(0.5, 1.5, mask.size(0), dtype=torch.float64)
-        chunked = (sequence_sum(stats.forward_kl, mask) * chosen_weight).sum()
+        chunked = (TokenBatch.from_inputs(batch).sequence_sums(stats.forward_kl) * chosen_weight).sum()
         naive = (torch.where(mask, naive_kl, 0.0).sum(1) * chosen_weight).sum()
         params = dict(model_parameters(trainer, trainable_only=True))
         chunked_grads = torch.autograd.grad(chunked, list(params.values()))

@@ -3,11 +3,11 @@ model equal to the reference, a guidance path that does not exist, a LoRA adapte
 precompute script writing over its input, and recipe values (`alpha: null`, a cleared guidance path)."""
 
 import logging
-import time
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from datasets import load_from_disk
 from peft import LoraConfig, get_peft_model
 from testing_utils import fast_args
@@ -89,10 +89,19 @@ def test_guidance_equal_to_the_reference_is_warned(
         assert ("same weights as the reference model" in messages) is warned
 
 
+def refuse_model_loading(monkeypatch) -> None:
+    """Make any model load fail the test: a check said to run "before anything loads" must raise first."""
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the check refused the input")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(no_loading))
+
+
 def test_missing_guidance_path_is_refused_before_anything_loads(
-    tiny_model_path, tiny_tokenizer, default_dataset, tmp_path
+    tiny_model_path, tiny_tokenizer, default_dataset, tmp_path, monkeypatch
 ):
-    start = time.perf_counter()
+    refuse_model_loading(monkeypatch)  # before the policy is loaded and the data tokenized
     with pytest.raises(
         FileNotFoundError, match="The guidance model cannot be loaded: .*no-such-model: no such file or directory"
     ):
@@ -103,7 +112,6 @@ def test_missing_guidance_path_is_refused_before_anything_loads(
             train_dataset=default_dataset["train"],
             processing_class=tiny_tokenizer,
         )
-    assert time.perf_counter() - start < 5  # before the policy is loaded and the data tokenized
 
 
 def test_lora_adapter_folder_as_guidance_model(tiny_model_path, tiny_tokenizer, default_dataset, tmp_path):
@@ -126,16 +134,55 @@ def test_lora_adapter_folder_as_guidance_model(tiny_model_path, tiny_tokenizer, 
         torch.testing.assert_close(loaded[name], param, rtol=0, atol=1e-6)  # merging rounds in float32
 
 
-def test_script_refuses_to_write_over_its_input(token_rewards_script, default_dataset, tiny_model_path, tmp_path):
+def test_script_refuses_models_of_another_vocabulary_and_data_it_cannot_render(
+    token_rewards_script, default_dataset, conversational_dataset, tiny_model_path, tiny_tokenizer, tmp_path
+):
+    """The script's precompute shares the trainers' checks (`checks.check_same_vocabulary`, `check_chat_template`):
+    a guidance model with another vocabulary, and conversational rows with a tokenizer without a chat template."""
+    import copy
+
+    from trl_tokenpref.tgdpo.token_rewards import compute_token_rewards
+
+    wider = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    wider.resize_token_embeddings(wider.config.vocab_size + 10, mean_resizing=False)
+    wider.save_pretrained(tmp_path / "wider")
     default_dataset["train"].select(range(4)).save_to_disk(str(tmp_path / "data"))
-    start = time.perf_counter()
+    with pytest.raises(
+        ValueError,
+        match=r"^The guidance model's vocabulary has 522 entries but the reference's has 512 \(the widths of their "
+        r"output logits\): .* so the two models must use one tokenizer\. Use a guidance model trained with that",
+    ):
+        token_rewards_script.main(
+            ["--guidance_model", str(tmp_path / "wider"), "--ref_model", tiny_model_path,
+             "--tokenizer", tiny_model_path, "--dataset_path", str(tmp_path / "data"),
+             "--output_dir", str(tmp_path / "out")]
+        )  # fmt: skip
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = None
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with pytest.raises(ValueError, match=r"^The input dataset is conversational .* has no chat template"):
+        compute_token_rewards(
+            conversational_dataset["train"].select(range(4)),
+            ref_model=model,
+            guidance_model=model,
+            tokenizer=tokenizer,
+            beta=0.1,
+            max_length=None,
+        )
+
+
+def test_script_refuses_to_write_over_its_input(
+    token_rewards_script, default_dataset, tiny_model_path, tmp_path, monkeypatch
+):
+    default_dataset["train"].select(range(4)).save_to_disk(str(tmp_path / "data"))
+    refuse_model_loading(monkeypatch)  # before any model is loaded
     for output_dir in (tmp_path / "data", tmp_path):
         with pytest.raises(ValueError, match="would overwrite the data it is computed from"):
             token_rewards_script.main(
                 ["--guidance_model", tiny_model_path, "--ref_model", tiny_model_path,
                  "--dataset_path", str(tmp_path / "data"), "--output_dir", str(output_dir)]
             )  # fmt: skip
-    assert time.perf_counter() - start < 5  # before any model is loaded
 
 
 def test_script_help_shows_defaults(token_rewards_script, capsys):

@@ -36,6 +36,7 @@ from trl import DPOConfig, DPOTrainer
 from trl_tokenpref import TGDPOConfig, TGDPOTrainer
 from trl_tokenpref.tgdpo import DataCollatorForTGDPO
 from trl_tokenpref.tiny import build_tiny_model
+from trl_tokenpref.token_batch import TokenBatch
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -181,11 +182,12 @@ class TestLoss:
             stats = trainer._policy_forward(
                 trainer.model, batch, ref_hidden_states=trainer._reference_hidden_states(batch)
             ).stats
+            # Flat per-token values, and the collated columns in the same order: the chosen tokens, then the rejected
             rho = stats.log_probs - stats.ref_log_probs
-            mask = batch["completion_mask"][:, 1:].bool()
+            num_chosen = batch["chosen_token_rewards"].numel()
             base = trainer.compute_loss(trainer.model, batch)
             for column, half in (("chosen_token_rewards", 0), ("rejected_token_rewards", 1)):
-                positive = (rho.chunk(2)[half] > 0) & mask.chunk(2)[half]
+                positive = rho.split([num_chosen, rho.numel() - num_chosen])[half] > 0
                 assert positive.any()
                 bumped = dict(batch, **{column: batch[column] + 0.1 * positive})
                 assert trainer.compute_loss(trainer.model, bumped) < base
@@ -383,27 +385,32 @@ class TestPrecomputed:
 
 
 class TestCollator:
-    def test_values_are_aligned_with_shifted_labels_and_truncated_like_ids(self):
-        """Column p−1 holds the value of the completion token at position p; prompt and padding hold 0; truncation
-        (both modes) cuts the values exactly as the ids, and a truncated-away value may be missing (None)."""
+    def test_values_are_collated_flat_and_truncated_like_ids(self):
+        """Each side's values come flat, row by row, one per completion token that training reads (the order of the
+        batch's labelled tokens, `TokenBatch`); truncation (both modes) cuts the values exactly as the ids, and a
+        truncated-away value may be missing (None). The same for a packed batch."""
         examples = [
             {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6], "chosen_token_rewards": [0.1, 0.2],
              "rejected_token_rewards": [0.3]},
             {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11, 12],
              "chosen_token_rewards": [0.4], "rejected_token_rewards": [0.5, 0.6, None]},
         ]  # fmt: skip
-        output = DataCollatorForTGDPO(pad_token_id=0, max_length=4)(examples)
-        assert output["input_ids"].tolist() == [[1, 2, 3, 4], [7, 8, 9, 0], [1, 2, 3, 6], [7, 8, 10, 11]]
-        torch.testing.assert_close(output["chosen_token_rewards"], torch.tensor([[0, 0, 0.1], [0, 0.4, 0]]))
-        torch.testing.assert_close(output["rejected_token_rewards"], torch.tensor([[0, 0, 0.3], [0, 0.5, 0.6]]))
+        for padding_free in (False, True):
+            output = DataCollatorForTGDPO(pad_token_id=0, max_length=4, padding_free=padding_free)(examples)
+            if not padding_free:
+                assert output["input_ids"].tolist() == [[1, 2, 3, 4], [7, 8, 9, 0], [1, 2, 3, 6], [7, 8, 10, 11]]
+            torch.testing.assert_close(output["chosen_token_rewards"], torch.tensor([0.1, 0.4]))
+            torch.testing.assert_close(output["rejected_token_rewards"], torch.tensor([0.3, 0.5, 0.6]))
+            assert TokenBatch.from_inputs(output).labels.tolist() == [4, 9, 6, 10, 11]
         # keep_end cuts the start: here the whole prompt and the first completion token of the rejected row 2
         keep_end = DataCollatorForTGDPO(pad_token_id=0, max_length=2, truncation_mode="keep_end")
         examples[1]["rejected_token_rewards"] = [None, 0.5, 0.6]
         output = keep_end(examples)
         assert output["input_ids"].tolist() == [[4, 5], [8, 9], [3, 6], [11, 12]]
-        torch.testing.assert_close(output["chosen_token_rewards"], torch.tensor([[0.2], [0.4]]))
-        # Row 2 of rejected is [11, 12]: 11 sits at position 0 (no label), 12's value 0.6 at column 0
-        torch.testing.assert_close(output["rejected_token_rewards"], torch.tensor([[0.3], [0.6]]))
+        torch.testing.assert_close(output["chosen_token_rewards"], torch.tensor([0.2, 0.4]))
+        # Row 2 of rejected is [11, 12]: 11 sits at position 0 (no label), 12's value 0.6 is read
+        torch.testing.assert_close(output["rejected_token_rewards"], torch.tensor([0.3, 0.6]))
+        assert TokenBatch.from_inputs(output).labels.tolist() == [5, 9, 6, 12]
 
     def test_bad_values_are_rejected(self):
         example = {"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [5]}

@@ -12,9 +12,10 @@ No timing assertions: speed and memory are measured by `benchmarks/`, not tested
 
 import pytest
 import torch
+from testing_utils import padded_token_stats
 from torch.testing import assert_close
 
-import trl_tokenpref.token_stats as token_stats
+import trl_tokenpref.token_stats.fused as fused_kernel
 from trl_tokenpref._compat import ChunkedDivergenceFunction, ChunkedLogProbFunction
 from trl_tokenpref.token_stats import (
     CPU_TILE_ELEMENTS,
@@ -22,7 +23,6 @@ from trl_tokenpref.token_stats import (
     GPU_TILE_ELEMENTS,
     LMHead,
     TokenStats,
-    compute_token_stats,
     default_token_chunk_size,
     naive_token_stats,
 )
@@ -37,7 +37,7 @@ VOCAB_TILES = {"tiled": 10, "whole": VOCAB}
 
 @pytest.fixture(params=list(VOCAB_TILES))
 def vocab_tile(request, monkeypatch):
-    monkeypatch.setattr(token_stats, "CPU_VOCAB_TILE", VOCAB_TILES[request.param])
+    monkeypatch.setattr(fused_kernel, "CPU_VOCAB_TILE", VOCAB_TILES[request.param])
     return VOCAB_TILES[request.param]
 
 
@@ -158,7 +158,7 @@ def test_fused_matches_naive_fp32(chunk, with_ref, bias, vocab_tile):
     chunk_size = {"1": 1, "7": 7, "n-1": n - 1, "n+5": n + 5, "default": None}[chunk]
     refs = (ref_hidden, ref_head) if with_ref else (None, None)
 
-    fused, fused_grads = _run(compute_token_stats, hidden, head, labels, *refs, chunk_size=chunk_size)
+    fused, fused_grads = _run(padded_token_stats, hidden, head, labels, *refs, chunk_size=chunk_size)
     naive, naive_grads = _run(naive_token_stats, hidden, head, labels, *refs)
 
     _assert_stats_close(fused, naive, labels)
@@ -175,7 +175,7 @@ def test_fused_gradient_through_each_output_alone(vocab_tile):
     hidden, head, labels, ref_hidden, ref_head = _make_inputs(seed=3)
     for use_lp, use_kl in ((True, False), (False, True)):
         fused, fused_grads = _run(
-            compute_token_stats, hidden, head, labels, ref_hidden, ref_head, use_lp=use_lp, use_kl=use_kl, chunk_size=5
+            padded_token_stats, hidden, head, labels, ref_hidden, ref_head, use_lp=use_lp, use_kl=use_kl, chunk_size=5
         )
         _, naive_grads = _run(
             naive_token_stats, hidden, head, labels, ref_hidden, ref_head, use_lp=use_lp, use_kl=use_kl
@@ -186,7 +186,7 @@ def test_fused_gradient_through_each_output_alone(vocab_tile):
 
 def test_fused_matches_float64_ground_truth(vocab_tile):
     hidden, head, labels, ref_hidden, ref_head = _make_inputs(seed=4)
-    fused = compute_token_stats(hidden, head, labels, ref_hidden, ref_head, chunk_size=6)
+    fused = padded_token_stats(hidden, head, labels, ref_hidden, ref_head, chunk_size=6)
     mask = labels != -100
     for name, value in _exact_stats(hidden, head, labels, ref_hidden, ref_head).items():
         assert_close(getattr(fused, name)[mask].double(), value, atol=1e-5, rtol=1e-5, msg=name)
@@ -196,7 +196,7 @@ def test_reference_defaults_to_the_policy_head(vocab_tile):
     """PEFT: the reference is the same model with its adapter disabled, so `ref_lm_head=None` means the policy's head;
     the reference receives no gradient through it (the policy head's gradient is the naive one)."""
     hidden, head, labels, ref_hidden, _ = _make_inputs(seed=5)
-    fused, fused_grads = _run(compute_token_stats, hidden, head, labels, ref_hidden, None, chunk_size=9)
+    fused, fused_grads = _run(padded_token_stats, hidden, head, labels, ref_hidden, None, chunk_size=9)
     naive, naive_grads = _run(naive_token_stats, hidden, head, labels, ref_hidden, None)
     _assert_stats_close(fused, naive, labels)
     for got, want in zip(fused_grads, naive_grads):
@@ -210,7 +210,7 @@ def test_logit_scale_and_softcap(logit_scale, softcap, vocab_tile):
     hidden, head, labels, ref_hidden, ref_head = _make_inputs(
         seed=6, weight_scale=4.0, logit_scale=logit_scale, softcap=softcap
     )
-    fused, fused_grads = _run(compute_token_stats, hidden, head, labels, ref_hidden, ref_head, chunk_size=10)
+    fused, fused_grads = _run(padded_token_stats, hidden, head, labels, ref_hidden, ref_head, chunk_size=10)
     naive, naive_grads = _run(naive_token_stats, hidden, head, labels, ref_hidden, ref_head)
     _assert_stats_close(fused, naive, labels)
     for got, want in zip(fused_grads, naive_grads):
@@ -248,7 +248,7 @@ def test_bf16_parameters(chunk_size, vocab_tile):
     """bf16 hidden states and LM heads (a model loaded in bf16): values and gradients close to the float32 naive
     computation on the same rounded values, and no further from float64 than the naive computation run in bf16."""
     hidden, head, labels, ref_hidden, ref_head = _make_inputs(seed=7, dtype=torch.bfloat16)
-    fused, fused_grads = _run(compute_token_stats, hidden, head, labels, ref_hidden, ref_head, chunk_size=chunk_size)
+    fused, fused_grads = _run(padded_token_stats, hidden, head, labels, ref_hidden, ref_head, chunk_size=chunk_size)
     assert fused.log_probs.dtype == torch.float32
     assert [g.dtype for g in fused_grads] == [torch.bfloat16] * 3
 
@@ -271,7 +271,7 @@ def test_bf16_autocast(vocab_tile):
     the model's own forward, the gradients come back in float32."""
     hidden, head, labels, ref_hidden, ref_head = _make_inputs(seed=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused, fused_grads = _run(compute_token_stats, hidden, head, labels, ref_hidden, ref_head, chunk_size=11)
+        fused, fused_grads = _run(padded_token_stats, hidden, head, labels, ref_hidden, ref_head, chunk_size=11)
         naive_bf16 = naive_token_stats(hidden, head, labels, ref_hidden, ref_head)
     assert [g.dtype for g in fused_grads] == [torch.float32] * 3
     naive32, naive32_grads = _run(naive_token_stats, hidden, head, labels, ref_hidden, ref_head)
@@ -301,7 +301,7 @@ def test_extreme_logits_stay_finite_and_exact(vocab_tile):
     hidden, head, labels, ref_hidden, ref_head = _make_inputs(seed=9, weight_scale=3e3)
     z = torch.nn.functional.linear(hidden.detach(), head.weight.detach(), head.bias.detach())
     assert z.abs().max() > 1e4
-    fused, grads = _run(compute_token_stats, hidden, head, labels, ref_hidden, ref_head, chunk_size=7)
+    fused, grads = _run(padded_token_stats, hidden, head, labels, ref_hidden, ref_head, chunk_size=7)
     for name in FIELDS:
         assert torch.isfinite(getattr(fused, name).float()).all(), name
     for grad in grads:
@@ -327,7 +327,7 @@ def test_underflowing_reference_probabilities(vocab_tile):
     policy_logits = torch.nn.functional.linear(hidden.detach(), head.weight.detach(), head.bias.detach())[mask]
     assert torch.isnan(_official_tdpo_kl(ref_logits, policy_logits)).any()
 
-    fused, grads = _run(compute_token_stats, hidden, head, labels, ref_hidden, ref_head, chunk_size=4)
+    fused, grads = _run(padded_token_stats, hidden, head, labels, ref_hidden, ref_head, chunk_size=4)
     assert torch.isfinite(fused.forward_kl).all() and torch.isfinite(fused.ref_log_probs).all()
     assert all(torch.isfinite(grad).all() for grad in grads)
     exact = _exact_stats(hidden, head, labels, ref_hidden, ref_head)
@@ -344,7 +344,7 @@ def test_all_masked_batch_backprops_a_zero(vocab_tile):
     (a zero gradient, not an error)."""
     hidden, head, labels, ref_hidden, ref_head = _make_inputs(seed=11)
     labels = torch.full_like(labels, -100)
-    fused = compute_token_stats(hidden, head, labels, ref_hidden, ref_head)
+    fused = padded_token_stats(hidden, head, labels, ref_hidden, ref_head)
     for name in FIELDS:
         value = getattr(fused, name)
         assert value.shape == labels.shape and not value.any(), name
@@ -357,17 +357,17 @@ def test_all_masked_batch_backprops_a_zero(vocab_tile):
 def test_kl_is_non_negative_and_zero_only_for_equal_distributions(vocab_tile):
     hidden, head, labels, ref_hidden, ref_head = _make_inputs(seed=12)
     mask = labels != -100
-    different = compute_token_stats(hidden, head, labels, ref_hidden, ref_head, chunk_size=8).forward_kl
+    different = padded_token_stats(hidden, head, labels, ref_hidden, ref_head, chunk_size=8).forward_kl
     assert (different[mask] >= -1e-6).all()
     assert (different[mask] > 1e-4).all()  # the reference differs at every token
 
     # Same hidden states and same head: the same distribution, KL = 0 (up to rounding)
-    same = compute_token_stats(hidden, head, labels, hidden.detach(), head, chunk_size=8).forward_kl
+    same = padded_token_stats(hidden, head, labels, hidden.detach(), head, chunk_size=8).forward_kl
     assert same[mask].abs().max() < 1e-6
 
     # Equal only at some tokens: zero exactly there
     mixed_ref = torch.where(torch.arange(SEQ).unsqueeze(-1) % 2 == 0, hidden.detach(), ref_hidden)
-    mixed = compute_token_stats(hidden, head, labels, mixed_ref, head, chunk_size=8).forward_kl
+    mixed = padded_token_stats(hidden, head, labels, mixed_ref, head, chunk_size=8).forward_kl
     even = (torch.arange(SEQ) % 2 == 0).expand(ROWS, SEQ)
     assert mixed[mask & even].abs().max() < 1e-6
     assert (mixed[mask & ~even] > 1e-4).all()
@@ -382,7 +382,7 @@ def test_matches_trl_chunked_kernels(vocab_tile):
     hidden, head, labels, ref_hidden, ref_head = _make_inputs(seed=13)
     mask = labels != -100
     g_lp, g_kl = (w[mask] for w in _loss_weights())
-    fused, fused_grads = _run(compute_token_stats, hidden, head, labels, ref_hidden, ref_head, chunk_size=7)
+    fused, fused_grads = _run(padded_token_stats, hidden, head, labels, ref_hidden, ref_head, chunk_size=7)
 
     # TRL's kernels take the labelled rows directly
     h = hidden.detach()[mask].requires_grad_()
@@ -435,7 +435,7 @@ def test_top1_ties_follow_argmax(vocab_tile):
     assert tied_max.float().mean() > 0.3 and (logits[..., first] == logits[..., second]).all()
     for label in (first, second):
         labels = torch.full((ROWS, SEQ), label)
-        fused = compute_token_stats(hidden, head, labels, chunk_size=5)
+        fused = padded_token_stats(hidden, head, labels, chunk_size=5)
         expected = logits.argmax(-1) == labels
         assert torch.equal(fused.is_top1, expected)
         assert fused.is_top1.any() == (label == first)

@@ -25,6 +25,8 @@ from trl_tokenpref.checks import (  # noqa: F401 (re-exported for the test modul
     scored_completion_range,
     why_no_completion_token,
 )
+from trl_tokenpref.token_batch import TokenBatch
+from trl_tokenpref.token_stats import compute_token_stats, reference_top_k
 
 
 # The modules whose own checks raise the errors that `test_input_validation.py` expects
@@ -42,7 +44,7 @@ CONFIG_CLASSES = {DPOTrainer: DPOConfig, **dict(METHODS.values())}
 # ---------------------------------------------------------------------------------------------------- precision
 # Equivalence tests run the models in float64 (`model_init_kwargs=FLOAT64_MODEL`), so that their tolerances follow
 # from rounding instead of being guessed. One stage stays float32: both fused LM-head passes, ours
-# (`trl_tokenpref/token_stats.py`) and TRL's (`ChunkedLogProbFunction`, inside DPOTrainer), compute the per-token
+# (`trl_tokenpref/token_stats/fused.py`) and TRL's (`ChunkedLogProbFunction`, inside DPOTrainer), compute the per-token
 # statistics (log-probs, KL, entropy, mean logit) in float32 even for a float64 model, and accumulate the LM head's
 # weight gradient in float32 (so do, by design, the TBPO-Q head and TGDPO's collated token rewards). The rest rounds at
 # 2^-53, so two float64 computations of the same value differ by a few float32 roundings of those statistics:
@@ -90,6 +92,57 @@ def assert_same_loss_and_grads(result, expected, rtol: float = EQUIVALENCE_RTOL)
         assert_relatively_close(result[1][name], grad, rtol, name)
 
 
+# ----------------------------------------------------------------------------------------- padded token statistics
+# The package computes every per-token statistic on a flat `[N]` vector of labelled tokens (`TokenBatch`). Many tests
+# state their cases on a padded grid `[rows, seq]` with `-100` labels (as the naive full-logits reference does); these
+# helpers run the flat functions on the grid's labelled positions and put the results back on it, with 0 elsewhere.
+
+
+def padded_token_stats(
+    hidden_states, lm_head, labels, ref_hidden_states=None, ref_lm_head=None, chunk_size=None, ref_cache=None
+):
+    """`compute_token_stats` on the labelled positions of a padded grid, scattered back onto it (0 elsewhere)."""
+    mask = labels != -100
+    if ref_cache is not None:
+        ref_cache = type(ref_cache)(*(field[mask] for field in ref_cache))
+    stats = compute_token_stats(
+        hidden_states[mask],
+        lm_head,
+        labels[mask],
+        None if ref_hidden_states is None else ref_hidden_states[mask],
+        ref_lm_head,
+        chunk_size=chunk_size,
+        ref_cache=ref_cache,
+    )
+
+    def scatter(values):
+        # `masked_scatter` keeps an all-masked grid connected to the graph (a differentiable zero)
+        return None if values is None else values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+    return type(stats)(*(scatter(field) for field in stats))
+
+
+def padded_reference_top_k(hidden, lm_head, labels, k, chunk_size=None):
+    """`reference_top_k` on the labelled positions of a padded grid, scattered back onto it (0 elsewhere)."""
+    mask = labels != -100
+    cache = reference_top_k(hidden[mask], lm_head, labels[mask], k, chunk_size=chunk_size)
+
+    def scatter(values):
+        out = values.new_zeros(mask.shape + values.shape[1:])
+        out[mask] = values
+        return out
+
+    return type(cache)(*(scatter(field) for field in cache))
+
+
+def aligned_by_completion_index(values, mask):
+    """Per-token values on a padded grid `[2B, L]` (chosen rows first) → chosen `[B, K]`, rejected `[B, K]`, pair mask
+    `[B, K]`, through the trainers' own alignment (`TokenBatch.aligned_pairs`). A leading column is added so that a
+    completion token at column 0 still has a predicting position."""
+    token_batch = TokenBatch.from_padded(torch.zeros(mask.shape[0], mask.shape[1] + 1), F.pad(mask, (1, 0)))
+    return token_batch.aligned_pairs(values[mask.bool()])
+
+
 # ------------------------------------------------------------------------------------------------------ trainers
 
 
@@ -131,9 +184,12 @@ def collated_batch(trainer, num_pairs: int = 6) -> dict:
 
 
 def with_trailing_padding(batch: dict, columns: int, pad_token_id: int) -> dict:
-    """`batch` with `columns` more padding columns at the end: the pad id, attention 0, completion 0 (and 0 in any other
-    per-token column)."""
-    padded = {key: value if value.dim() < 2 else F.pad(value, (0, columns), value=0) for key, value in batch.items()}
+    """`batch` with `columns` more padding columns at the end: the pad id, attention 0, completion 0. The per-token
+    columns are flat (one value per labelled token), so they do not change."""
+    grid = batch["input_ids"].shape
+    padded = {
+        key: F.pad(value, (0, columns), value=0) if value.shape[:2] == grid else value for key, value in batch.items()
+    }
     padded["input_ids"][:, -columns:] = pad_token_id
     return padded
 

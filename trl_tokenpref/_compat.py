@@ -29,10 +29,16 @@ if not (Version("1.16.0") <= TRL_VERSION < Version("1.17.0")):
     )
 
 # TRL's own chunked kernels: baselines in tests and benchmarks only. Our trainers use the fused pass in
-# `token_stats.py`, which computes log-probs, forward KL and entropy from one projection of each tile.
+# `token_stats/fused.py`, which computes log-probs, forward KL and entropy from one projection of each tile.
 import trl.kernels.chunked_divergence as _trl_chunked_divergence  # noqa: E402
 import trl.kernels.chunked_logprob as _trl_chunked_logprob  # noqa: E402
 import trl.trainer.utils as _trl_trainer_utils  # noqa: E402
+
+# Padding-free training (packing.py): the per-sequence sdpa is registered with transformers' attention interfaces, and
+# delegates to transformers' own sdpa function and mask (module-level functions outside transformers' top level)
+from transformers import AttentionInterface  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # noqa: E402
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: E402
 
@@ -167,6 +173,13 @@ def attn_implementation(config) -> str | None:
     return config._attn_implementation
 
 
+def set_attn_implementation(model, implementation: str) -> None:
+    """Switch a loaded model (its base model, under PEFT) to another registered attention implementation. transformers
+    does not save it with the config (`_attn_implementation_internal` is left out of `config.json`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(implementation)
+
+
 def tokenize_preference_dataset(dataset, processing_class, args, dataset_name: str):
     """DPOTrainer's dataset preparation (prompt extraction, EOS, tokenization, its `max_length` filter) without a
     trainer, so that a script tokenizes exactly as training will. It reads only the trainer's text tokenizer."""
@@ -193,6 +206,8 @@ def set_trl_lm_head_tiles(token_tile: int, vocab_tile: int) -> tuple[int, int]:
 
 
 __all__ = [
+    "AttentionInterface",
+    "AttentionMaskInterface",
     "DPO_TRAINER_ATTRIBUTES",
     "OVERRIDDEN_METHODS",
     "TRL_VERSION",
@@ -214,6 +229,9 @@ __all__ = [
     "prepare_deepspeed",
     "prepare_fsdp",
     "tokenize_preference_dataset",
+    "sdpa_attention_forward",
+    "sdpa_mask",
+    "set_attn_implementation",
     "set_trl_lm_head_tiles",
     "use_adapter",
 ]

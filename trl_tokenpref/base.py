@@ -14,11 +14,11 @@ Each method's trainer (`tdpo/`, `tgdpo/`, `tbpo/`) then only writes its `compute
 
 import copy
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from peft.utils import AuxiliaryTrainingWrapper
@@ -27,17 +27,21 @@ from trl import DPOConfig, DPOTrainer
 
 from . import checks, precompute
 from ._compat import disable_gradient_checkpointing, precompute_model_hash, precompute_reference_model, use_adapter
+from ._logging import get_logger
 from .checkpoints import TrainingGuardMixin
 from .losses import Metric
+from .packing import PACKED_BATCH_KEY, packed_model_kwargs, prepare_model_for_packing
 from .precompute import (
     REF_CACHE_COLUMNS,
     REF_TAIL_COLUMNS,
     REF_TOKEN_LOGPS_COLUMNS,
     REF_TOPK_IDS_COLUMNS,
     REF_TOPK_LOGPS_COLUMNS,
+    DataCollatorForPerTokenColumns,
     cache_bytes_per_token,
     with_per_token_collator,
 )
+from .token_batch import TokenBatch
 from .token_stats import ReferenceCache, TokenStatsOutput, add_token_stats_head, lm_head_of, reference_top_k
 
 
@@ -74,6 +78,17 @@ class TokenLevelDPOConfig(DPOConfig):
             KL. Peak memory grows with `token_chunk_size × vocab_size`; `None` picks a size per device (a tile of
             about 2M elements (512 tokens x 4096 vocabulary columns) on CPU and 64M on GPU).
 
+        > Parameters that control padding-free training
+
+        padding_free (`bool`, *optional*, defaults to `False`):
+            DPOConfig's field, honoured here (TRL 1.16's `DPOTrainer` switches it off): each batch's 2B sequences are
+            packed into one row with no padding, `position_ids` restarting at each sequence, and the policy, the
+            reference and the guidance model run on the real tokens only. Attention runs sequence by sequence:
+            `attn_implementation="sdpa"` (CPU or GPU) or `"flash_attention_2"`/`"flash_attention_3"` (GPU); other
+            implementations are refused before training. The loss, gradients and metrics are those of the padded
+            batch; `padding/fraction` logs the share of the padded layout's positions that were padding (what packing
+            does not compute).
+
         > Parameters that control the reference cache
 
         ref_top_k (`int`, *optional*, defaults to `DEFAULT_REF_TOP_K`):
@@ -90,6 +105,15 @@ class TokenLevelDPOConfig(DPOConfig):
         metadata={
             "help": "Number of completion tokens projected through the LM head at once when computing per-token "
             "log-probs and KL. Peak memory grows with token_chunk_size x vocab_size; None picks a size per device."
+        },
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack each batch's sequences into one row with no padding (position_ids restart per sequence): "
+            "the policy, reference and guidance models run on the real tokens only, with attention per sequence "
+            "(attn_implementation 'sdpa' on CPU/GPU, 'flash_attention_2'/'flash_attention_3' on GPU). Same loss, "
+            "gradients and metrics as padded batches; padding/fraction logs the padding avoided."
         },
     )
     ref_top_k: int = field(
@@ -241,10 +265,17 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
     """
 
     _config_class = TokenLevelDPOConfig
+    # The collator that collates the per-token columns flat and packs batches with `padding_free=True`
+    _collator_class = DataCollatorForPerTokenColumns
     # Per-token dataset columns the loss reads (kept by `remove_unused_columns`, padded by the collator)
     _per_token_columns = REF_CACHE_COLUMNS
     # Batch entries that the loss reads and the model's forward does not take (subclasses add their columns)
-    _non_model_columns = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps") + REF_CACHE_COLUMNS
+    _non_model_columns = (
+        "completion_mask",
+        "ref_chosen_logps",
+        "ref_rejected_logps",
+        PACKED_BATCH_KEY,
+    ) + REF_CACHE_COLUMNS
 
     def __init__(
         self,
@@ -270,6 +301,9 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
                 f"`{self._config_class.__name__}(...)`: it accepts every `DPOConfig` argument."
             )
         checks.check_lm_head_not_quantized(model)
+        # A local folder by its absolute path: the saved adapter's `base_model_name_or_path` and the model card name it,
+        # and a relative one would not load from another directory
+        model = checks.absolute_if_local(model)
         if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
             # Before DPOTrainer, which reads a first row before preparing the dataset (a bare `StopIteration`)
             raise ValueError("The train dataset has no rows.")
@@ -282,28 +316,92 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
             )
         checks.check_special_tokens(processing_class, args)
         self._streamed_row_filter = None
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        # `padding_free=True` is honoured here (`packing.py`): DPOTrainer 1.16 would switch it off with a warning, so
+        # it sees False during its init, and the user's value is restored after
+        self._padding_free = bool(args.padding_free)
+        args.padding_free = False
+        try:
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        finally:
+            args.padding_free = self._padding_free
+        self.padding_free = self._padding_free
         checks.check_lm_head_not_quantized(self.model)
         checks.check_lm_head_supported(self.model)
-        if self._uses_reference_cache:
-            self.data_collator = with_per_token_collator(self.data_collator)
+        eval_datasets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+        self._check_models_and_token_ids({"train": self.train_dataset, **eval_datasets})
+        self._prepare_packing()
+        self._use_token_level_collator()
         self.add_callback(_ResumeTokenCountCallback(self))
         if self._streamed_row_filter is not None:
             self.add_callback(_StreamedDropsCallback(self, self._streamed_row_filter))
         self._add_token_stats_heads()
+
+    def _use_token_level_collator(self) -> None:
+        """DPOTrainer's default collator swapped for this trainer's (`_collator_class`, with `padding_free`), which
+        collates the per-token columns flat and packs the batch. A custom collator is kept; with `padding_free=True`
+        it is refused, since only the trainer's collator packs."""
+        self.data_collator = with_per_token_collator(self.data_collator, self._collator_class, self._padding_free)
+        if self._padding_free and not isinstance(self.data_collator, DataCollatorForPerTokenColumns):
+            raise ValueError(
+                f"`padding_free=True` packs each batch's sequences into one row, which the trainer's collator does, but "
+                f"a custom data collator was given ({type(self.data_collator).__name__}). Subclass "
+                f"`{self._collator_class.__name__}` (it takes `padding_free`), drop `data_collator`, or train with "
+                "`padding_free=False`."
+            )
+
+    def _prepare_packing(self) -> None:
+        """With `padding_free=True`: check, before anything runs on a packed batch, that the policy's and the
+        reference's attention can run each packed sequence on its own, and switch an sdpa model to the per-sequence
+        sdpa (`packing.prepare_model_for_packing`). Idempotent: the precompute, inside DPOTrainer's init, runs first."""
+        if not self._padding_free:
+            return
+        prepare_model_for_packing(self.accelerator.unwrap_model(self.model), "policy")
+        if self.ref_model is not None:
+            prepare_model_for_packing(self.accelerator.unwrap_model(self.ref_model), "reference")
+
+    def _check_models_and_token_ids(self, datasets: dict) -> None:
+        """Before anything reads them (the precompute inside DPOTrainer's init, or training): the reference has the
+        policy's vocabulary, and the token ids of the tokenized datasets and the pad id fit the policy's embedding."""
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is not None:
+            checks.check_same_vocabulary(
+                policy,
+                self.accelerator.unwrap_model(self.ref_model),
+                "reference model",
+                checks.REFERENCE_VOCABULARY_REASON,
+                checks.REFERENCE_VOCABULARY_FIX,
+            )
+        pad_token_id = getattr(self.data_collator, "pad_token_id", None)
+        checks.check_token_ids_fit(policy, self.processing_class, datasets, pad_token_id=pad_token_id)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """DPOTrainer's model card, naming a base model loaded from a local folder (TRL's card names only a Hub model,
+        and writes "a fine-tuned version of [None](https://huggingface.co/None)" otherwise)."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        card = os.path.join(self.args.output_dir, "README.md")
+        unnamed = "[None](https://huggingface.co/None)"
+        if not self.is_world_process_zero() or not os.path.isfile(card):
+            return
+        with open(card, encoding="utf-8") as f:
+            text = f.read()
+        if unnamed in text:
+            base_model = self.model.config.name_or_path
+            named = f"the local model `{base_model}`" if base_model else "a model built from its config (no base path)"
+            with open(card, "w", encoding="utf-8") as f:
+                f.write(text.replace(unnamed, named))
 
     def _add_token_stats_heads(self) -> None:
         """Patch the policy (and the reference) so that `model(..., token_stats=True)` computes per-token statistics.
@@ -332,6 +430,7 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
         """
         tokenizer = checks.text_tokenizer(processing_class)
         has_prompt = checks.check_columns(dataset, dataset_name, tokenizer.eos_token)
+        checks.check_chat_template(dataset, dataset_name, processing_class)
         # DPOTrainer's only use of `max_length` here is to drop the rows whose prompt fills it (keep_start): tokenize
         # without that filter, and drop the rows without a completion token here, where they are counted and named
         # (the collator still truncates with `max_length`)
@@ -358,6 +457,7 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
         # Row indices are still the user's here (nothing was dropped yet): the place for checks that name rows
         self._check_tokenized_dataset(dataset, dataset_name, args)
         identical = checks.identical_pairs(dataset)
+        checks.check_not_only_identical_pairs(identical.size, len(dataset), dataset_name)
         if identical.size:
             dataset = self._identical_pairs(dataset, dataset_name, identical)
         return checks.drop_rows_without_completion_tokens(dataset, dataset_name, args)
@@ -396,11 +496,13 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
         the reference cache of every completion token (its label log-prob, its `ref_top_k` most likely tokens with
         their log-probs, and the log-mass of the rest), cached on disk like DPOTrainer's values. A method without a
         per-token KL keeps DPOTrainer's precompute."""
+        self._check_models_and_token_ids({name: dataset})
         if not self._uses_reference_cache:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         precompute.check_map_style(dataset)
         self._add_token_stats_heads()
-        self.data_collator = with_per_token_collator(self.data_collator)
+        self._prepare_packing()
+        self._use_token_level_collator()
         k = self.args.ref_top_k
         vocab_size = self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size
         stored_k = min(k, vocab_size)
@@ -430,7 +532,9 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
             }
 
         columns = [REF_TOKEN_LOGPS_COLUMNS, REF_TOPK_IDS_COLUMNS, REF_TOPK_LOGPS_COLUMNS, REF_TAIL_COLUMNS]
-        return self._add_per_token_columns(dataset, name, batch_size, score_batch, columns, cache_key)
+        dataset = self._add_per_token_columns(dataset, name, batch_size, score_batch, columns, cache_key)
+        checks.warn_if_reference_cache_misses_mass(dataset, name, stored_k, vocab_size)
+        return dataset
 
     def _add_per_token_columns(self, dataset, name, batch_size, score_batch, columns, cache_key):
         """`precompute.add_per_token_columns` with this trainer's reference model (DeepSpeed's inference engine before
@@ -453,23 +557,29 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
         )
 
     def _reference_top_k(self, model, inputs: dict, k: int) -> ReferenceCache:
-        """The reference cache of a batch, `[2B, L-1(, k)]`: one reference forward to the final hidden states, then
-        the top-k of each completion token's next-token distribution (`token_stats.reference_top_k`)."""
+        """The reference cache of a batch's labelled tokens, `[N(, k)]` in `TokenBatch` order: one reference forward
+        to the final hidden states, then the top-k of each completion token's next-token distribution
+        (`token_stats.reference_top_k`)."""
+        token_batch = TokenBatch.from_inputs(inputs)
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self._reference_adapter(),
         ):
-            outputs = model(**self._model_kwargs(inputs), token_stats=True, return_hidden_states_only=True)
+            outputs = model(
+                **self._model_kwargs(inputs), token_stats=True, token_batch=token_batch, return_hidden_states_only=True
+            )
         unwrapped = self.accelerator.unwrap_model(model)
         head = self._reference_lm_head() or lm_head_of(
             unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
         )
-        labels = self._labels(inputs)[:, 1:].to(outputs.hidden_states.device)
-        return reference_top_k(outputs.hidden_states, head, labels, k, chunk_size=self.args.token_chunk_size)
+        return reference_top_k(
+            outputs.hidden_states, head, token_batch.labels, k, chunk_size=self.args.token_chunk_size
+        )
 
     def _reference_cache(self, inputs: dict) -> ReferenceCache:
-        """The reference cache of a collated batch `[chosen; rejected]`, from its precomputed columns."""
+        """The reference cache of a collated batch's labelled tokens, `[N(, k)]` in `TokenBatch` order, from its
+        precomputed columns (collated flat: the chosen completions' tokens, then the rejected ones')."""
         missing = [column for column in REF_CACHE_COLUMNS if column not in inputs]
         if missing:
             raise ValueError(
@@ -488,19 +598,27 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
             tail_log_mass=both(REF_TAIL_COLUMNS),
         )
 
-    def _token_stats_with_reference(self, model, inputs: dict, return_hidden_states: bool = False):
+    def _token_stats_with_reference(
+        self, model, inputs: dict, token_batch: TokenBatch, return_hidden_states: bool = False
+    ):
         """The policy's per-token statistics with the reference's log-probs and the per-token KL: from the reference
         cache when it was precomputed (the policy pass only), otherwise from a live reference forward and one chunked
         pass over both LM heads. Returns the outputs and the metrics of the reference cache."""
         if self._uses_reference_cache:
             cache = self._reference_cache(inputs)
-            outputs = self._policy_forward(model, inputs, ref_cache=cache, return_hidden_states=return_hidden_states)
-            mask = inputs["completion_mask"][:, 1:].bool()
+            outputs = self._policy_forward(
+                model, inputs, ref_cache=cache, return_hidden_states=return_hidden_states, token_batch=token_batch
+            )
             # How much of the reference's mass the bucket holds: the KL's approximation lives there
-            return outputs, {"kl/cache_tail_mass": Metric(cache.tail_log_mass.exp(), mask)}
-        ref_hidden_states = self._reference_hidden_states(inputs)
+            tail_mass = cache.tail_log_mass.exp()
+            return outputs, {"kl/cache_tail_mass": Metric(tail_mass, torch.ones_like(tail_mass, dtype=torch.bool))}
+        ref_hidden_states = self._reference_hidden_states(inputs, token_batch)
         outputs = self._policy_forward(
-            model, inputs, ref_hidden_states=ref_hidden_states, return_hidden_states=return_hidden_states
+            model,
+            inputs,
+            ref_hidden_states=ref_hidden_states,
+            return_hidden_states=return_hidden_states,
+            token_batch=token_batch,
         )
         return outputs, {}
 
@@ -509,14 +627,14 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _model_kwargs(self, inputs: dict) -> dict:
-        """The model inputs of a collated preference batch: the batch minus what only the loss reads."""
+        """The model inputs of a collated preference batch: the batch minus what only the loss reads; for a packed
+        batch (`padding_free=True`), with the sequence boundaries as the attention implementation takes them
+        (`packing.packed_model_kwargs`)."""
         model_kwargs = {k: v for k, v in inputs.items() if k not in self._non_model_columns}
         model_kwargs["use_cache"] = False
+        if PACKED_BATCH_KEY in inputs:
+            model_kwargs.update(packed_model_kwargs(inputs, self.accelerator.unwrap_model(self.model).config))
         return model_kwargs
-
-    @staticmethod
-    def _labels(inputs: dict) -> torch.Tensor:
-        return inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
 
     def _reference_adapter(self):
         """The context in which the policy model *is* the reference, as in DPOTrainer: with PEFT and no explicit
@@ -526,8 +644,8 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
             return nullcontext()
         return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
 
-    def _reference_hidden_states(self, inputs: dict) -> torch.Tensor:
-        """Final hidden states of the reference model, `[2B, L-1, H]`, without gradient.
+    def _reference_hidden_states(self, inputs: dict, token_batch: TokenBatch | None = None) -> torch.Tensor:
+        """Final hidden states of the reference model at the batch's labelled tokens, `[N, H]`, without gradient.
 
         The reference is, as in DPOTrainer: the explicit or reloaded `ref_model`; or, with PEFT, the same model with
         its adapter disabled (or its frozen "ref" adapter active).
@@ -538,11 +656,16 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self._reference_adapter(),
         ):
-            outputs = model(**self._model_kwargs(inputs), token_stats=True, return_hidden_states_only=True)
+            outputs = model(
+                **self._model_kwargs(inputs),
+                token_stats=True,
+                token_batch=token_batch if token_batch is not None else TokenBatch.from_inputs(inputs),
+                return_hidden_states_only=True,
+            )
         return outputs.hidden_states
 
     def _reference_token_log_probs(self, model, inputs: dict) -> torch.Tensor:
-        """log π_ref(y_t|s_t) of every label, `[2B, L-1]` (0 outside the completion), without gradient: what the
+        """log π_ref(y_t|s_t) of the batch's labelled tokens, `[N]` in `TokenBatch` order, without gradient: what the
         precompute stores. `model` is the reference (or the policy, under `_reference_adapter`), possibly wrapped in
         DeepSpeed's inference engine before training (`_compat.precompute_reference_model`)."""
         with (
@@ -552,8 +675,8 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
         ):
             outputs = model(
                 **self._model_kwargs(inputs),
-                labels=self._labels(inputs),
                 token_stats=True,
+                token_batch=TokenBatch.from_inputs(inputs),
                 chunk_size=self.args.token_chunk_size,
             )
         return outputs.stats.log_probs.float()
@@ -581,17 +704,18 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
         ref_hidden_states: torch.Tensor | None = None,
         return_hidden_states: bool = False,
         ref_cache: ReferenceCache | None = None,
+        token_batch: TokenBatch | None = None,
     ) -> TokenStatsOutput:
-        """Policy forward returning per-token statistics `[2B, L-1]`; with `ref_hidden_states`, also the reference
-        log-probs and the per-token forward KL, all from one chunked pass over both LM heads; with `ref_cache`, the
-        same from the stored reference distribution, in the policy's pass alone."""
+        """Policy forward returning per-token statistics `[N]` of the batch's labelled tokens; with
+        `ref_hidden_states`, also the reference log-probs and the per-token forward KL, all from one chunked pass over
+        both LM heads; with `ref_cache`, the same from the stored reference distribution, in the policy's pass alone."""
         model_kwargs = self._model_kwargs(inputs)
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
         return model(
             **model_kwargs,
-            labels=self._labels(inputs),
             token_stats=True,
+            token_batch=token_batch if token_batch is not None else TokenBatch.from_inputs(inputs),
             ref_hidden_states=ref_hidden_states,
             ref_lm_head=self._reference_lm_head() if ref_hidden_states is not None else None,
             ref_cache=ref_cache,
@@ -634,36 +758,36 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
     def _log_dpo_metrics(
         self,
         mode: str,
-        inputs: dict,
+        token_batch: TokenBatch,
         outputs: TokenStatsOutput,
-        mask: torch.Tensor,
         chosen_logratios: torch.Tensor,
         rejected_logratios: torch.Tensor,
     ) -> None:
-        """Every metric DPOTrainer logs, with DPOTrainer's meaning.
+        """Every metric DPOTrainer logs, with DPOTrainer's meaning, and `padding/fraction`.
 
         `rewards/*` are DPO's implicit rewards β·Σ_t ρ_t (not a method's own reward), `logps/*` the summed policy
         log-probs, `logits/*` the mean logit, `entropy` the mean policy entropy and `mean_token_accuracy` the
-        fraction of chosen tokens that are the policy's argmax.
+        fraction of chosen tokens that are the policy's argmax. `padding/fraction` is the share of the padded
+        `[2B, L_max]` layout's positions that hold padding: what `padding_free=True` does not compute.
         """
         stats = outputs.stats
-        chosen_mask, rejected_mask = mask.chunk(2, dim=0)
+        is_chosen = token_batch.is_chosen.to(stats.log_probs.device)
+        counts = torch.stack([token_batch.input_tokens, token_batch.padded_positions]).to(self.accelerator.device)
+        input_tokens, padded_positions = self.accelerator.gather_for_metrics(counts.view(1, 2)).sum(dim=0).tolist()
         if mode == "train":
-            num_tokens_in_batch = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += num_tokens_in_batch // self._tp_size
+            self._total_train_tokens += input_tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        self._metrics[mode]["padding/fraction"].append(1.0 - input_tokens / max(padded_positions, 1))
 
-        chosen_mean_logits, rejected_mean_logits = stats.mean_logits.chunk(2, dim=0)
-        chosen_is_top1, _ = stats.is_top1.chunk(2, dim=0)
         chosen_rewards, rejected_rewards = self.beta * chosen_logratios, self.beta * rejected_logratios
-        chosen_logps, rejected_logps = torch.where(mask, stats.log_probs, 0.0).sum(dim=1).chunk(2, dim=0)
+        chosen_logps, rejected_logps = token_batch.split(token_batch.sequence_sums(stats.log_probs))
         self._log_metrics(
             mode,
             {
-                "entropy": Metric(stats.entropy, mask),
-                "logits/chosen": Metric(chosen_mean_logits, chosen_mask),
-                "logits/rejected": Metric(rejected_mean_logits, rejected_mask),
-                "mean_token_accuracy": Metric(chosen_is_top1, chosen_mask),
+                "entropy": Metric(stats.entropy, torch.ones_like(is_chosen)),
+                "logits/chosen": Metric(stats.mean_logits, is_chosen),
+                "logits/rejected": Metric(stats.mean_logits, ~is_chosen),
+                "mean_token_accuracy": Metric(stats.is_top1, is_chosen),
                 "rewards/chosen": Metric(chosen_rewards),
                 "rewards/rejected": Metric(rejected_rewards),
                 "rewards/accuracies": Metric((chosen_rewards > rejected_rewards).float()),

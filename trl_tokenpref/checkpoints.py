@@ -34,7 +34,6 @@ theirs through `cli.py`), for `trainer.train(resume_from_checkpoint=...)` in a u
 import contextlib
 import dataclasses
 import datetime
-import functools
 import json
 import math
 import os
@@ -48,24 +47,12 @@ import zipfile
 from pathlib import Path
 
 import torch
-from accelerate.logging import get_logger
 
+from ._logging import get_logger
 from .files import file_fingerprint, fingerprint_mismatch, write_json_atomically
 
 
-@functools.cache
-def _accelerate_logger():
-    return get_logger(__name__)
-
-
-def _logger():
-    """accelerate's logger (the main process logs), with the accelerate state it needs created if nothing did yet (a
-    function of this module called on its own)."""
-    from accelerate import PartialState
-
-    PartialState()
-    return _accelerate_logger()
-
+logger = get_logger(__name__)
 
 MANIFEST_NAME = "checkpoint_manifest.json"
 MANIFEST_FORMAT = 1
@@ -455,7 +442,7 @@ def check_checkpoint(checkpoint: str) -> CheckpointReport:
     if report.problems:
         raise ValueError(f"Cannot resume from the checkpoint {checkpoint}: {report.describe()}. {earlier}")
     if report.missing:
-        _logger().warning(
+        logger.warning(
             f"The checkpoint {checkpoint} lacks {', '.join(report.missing)}: training resumes from its weights and "
             "trainer state, but not from what is missing, so it does not continue exactly as the original run."
         )
@@ -488,7 +475,7 @@ def resolve_checkpoint(value, output_dir: str) -> str | None:
         if report.complete:
             for bad in skipped:
                 kind = "incomplete " if bad.incomplete or not bad.problems else ""
-                _logger().warning(
+                logger.warning(
                     f"Skipping the {kind}checkpoint {bad.path}: {bad.describe()}. Resuming from {checkpoint}, the "
                     f"newest complete one that passes the checks. The folder {bad.path} is left as it is; this run "
                     "writes over it if it saves that step again."
@@ -582,7 +569,7 @@ def acquire_output_dir(output_dir: str) -> bool:
     try:
         import fcntl
     except ImportError:  # Windows
-        _logger().warning_once(f"Cannot lock {output_dir} on this platform: two runs into it would not be noticed.")
+        logger.warning_once(f"Cannot lock {output_dir} on this platform: two runs into it would not be noticed.")
         return False
     path = _lock_path(output_dir)
     if path in _held_locks:
@@ -593,7 +580,7 @@ def acquire_output_dir(output_dir: str) -> bool:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:  # a read-only folder: this run cannot write there either, it will say so itself
-            _logger().warning_once(f"Cannot lock {output_dir} ({error}): two runs into it would not be noticed.")
+            logger.warning_once(f"Cannot lock {output_dir} ({error}): two runs into it would not be noticed.")
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -607,7 +594,7 @@ def acquire_output_dir(output_dir: str) -> bool:
             ) from None
         except OSError as error:  # a filesystem without locks
             os.close(fd)
-            _logger().warning_once(
+            logger.warning_once(
                 f"Cannot lock {output_dir} ({error}): two runs into it would not be noticed. Use a folder on a "
                 "filesystem that supports file locks (local disks and NFS do) to be protected."
             )
@@ -750,7 +737,7 @@ class TrainingGuardMixin:
         if report.manifest is not None:
             changes = data_shaping_changes(report.manifest.get("run", {}), run_description(self))
             if changes:
-                _logger().warning(
+                logger.warning(
                     f"Resuming from {checkpoint}, which a run with other data settings saved: {', '.join(changes)}. "
                     "The resumed run skips the batches that the checkpoint's step counts, in this run's data and "
                     "batches, so it does not continue the saved run exactly (other pairs, or other tokens of them, "

@@ -8,20 +8,28 @@ refuses bad input with the row index, the problem and the fix, before any traini
 * [`check_columns`], [`check_rows`] (a map-style dataset, whole, before tokenization) and [`check_streamed_row`] (an
   `IterableDataset`, as it is read): every row's fields, as DPOTrainer's tokenization needs them;
 * [`drop_rows_without_completion_tokens`] (after tokenization): rows of which `max_length` truncation leaves no
-  completion token are dropped, as DPOTrainer drops them, with a warning that counts and names them.
+  completion token are dropped, as DPOTrainer drops them, with a warning that counts and names them;
+* [`check_chat_template`]: conversational rows need a processing class with a chat template;
+* [`check_same_vocabulary`] (the one vocabulary check of the package: references, guidance models, the evaluation)
+  and [`check_token_ids_fit`] (token ids and the pad id against the policy's embedding), read from the modules'
+  sizes and configs, never from a weight's shape;
+* [`check_not_only_identical_pairs`]: a dataset of identical pairs only;
+* [`warn_if_reference_cache_misses_mass`] (after the reference-cache precompute): the reference's mass outside the
+  cached top-k, with the `ref_top_k` to use.
 """
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from peft.utils import TrainableTokensWrapper
 from transformers import ProcessorMixin
 from trl import extract_prompt
+
+from ._logging import get_logger
 
 
 logger = get_logger(__name__)
@@ -54,6 +62,20 @@ def _messages_problem(name: str, messages: list) -> str | None:
         # Arrow stores every message with every key of the column's messages, absent ones as None
         if isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message:
             continue
+        if isinstance(message, dict) and "role" in message and "content" in message:
+            role = message["role"]
+            found = "None" if role is None else f"{role!r} (a {type(role).__name__})"
+            hint = (
+                " A dataset stores every message with every key that any message of its column has, so a message "
+                "written without a `role` reads back with `role: None`."
+                if role is None
+                else ""
+            )
+            return (
+                f"message {k} of `{name}` has the role {found}, but a message's role must be a string such as "
+                f"'system', 'user', 'assistant' or 'tool' (the chat template renders each turn by its role).{hint} "
+                "Give every message its role."
+            )
         found = f"keys {sorted(message)}" if isinstance(message, dict) else f"a {type(message).__name__}"
         hint = ""
         if isinstance(message, dict) and {"from", "value"} <= message.keys():
@@ -290,6 +312,14 @@ def missing_local_path(path: str, repo_type: str = "model", cache_dir: str | Non
     return None
 
 
+def absolute_if_local(path):
+    """`path` made absolute when it names an existing local folder (what it is then saved as, e.g. an adapter's
+    `base_model_name_or_path`, loads from any directory); anything else (a Hub id, a loaded model) unchanged."""
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(os.path.expanduser(path)):
+        return os.path.abspath(os.path.expanduser(path))
+    return path
+
+
 def check_local_path(name: str, what: str, repo_type: str = "model") -> None:
     """Refuse at once a model path that cannot load (see [`missing_local_path`]), which `from_pretrained` would
     otherwise look up on the Hub: minutes of retries, then an unrelated error."""
@@ -318,6 +348,140 @@ def check_lm_head_not_quantized(model) -> None:
             "`lm_head.weight` directly to compute per-token statistics in chunks. Keep the LM head in 16/32-bit: "
             "bitsandbytes leaves it unquantized by default, but an explicit `llm_int8_skip_modules` list replaces "
             "that default, so add the LM head's name (usually 'lm_head') to it."
+        )
+
+
+def _int_attribute(modules, name: str) -> int | None:
+    """`name` of the first module that has it as an int, looking through PEFT's wrappers (`base_layer`,
+    `original_module`)."""
+    for module in modules:
+        for candidate in (module, getattr(module, "base_layer", None), getattr(module, "original_module", None)):
+            value = getattr(candidate, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def _config_vocab_size(model) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab_size = getattr(text_config, "vocab_size", None)
+    return vocab_size if isinstance(vocab_size, int) else None
+
+
+def output_vocab_size(model) -> int | None:
+    """Width of the model's output logits: its LM head's `out_features`, else `config.vocab_size`.
+
+    Never the weight's shape: a quantised head's weight is packed, and under DeepSpeed ZeRO-3 a partitioned weight has
+    the shape `[0]`."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return _int_attribute([head], "out_features") or _config_vocab_size(model)
+
+
+def embedding_rows(model) -> int | None:
+    """Rows of the model's input embedding, the ids it can embed: `num_embeddings`, else `config.vocab_size` (not the
+    weight's shape, for the reasons of [`output_vocab_size`])."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return _int_attribute([embeddings, getattr(embeddings, "token_adapter", None)], "num_embeddings") or (
+        _config_vocab_size(model)
+    )
+
+
+def check_same_vocabulary(model, other, other_name: str, reason: str, fix: str, model_name: str = "policy") -> None:
+    """Refuse a model read next to `model` (a reference, a guidance model) whose vocabulary has another size: the
+    trainers and the evaluation compare the two models' log-probabilities of the same token ids (and, for a KL, their
+    whole next-token distributions). Pass unwrapped models (no DDP / DeepSpeed engine)."""
+    if other is None:
+        return
+    size, other_size = output_vocab_size(model), output_vocab_size(other)
+    if size is None or other_size is None or size == other_size:
+        return
+    raise ValueError(
+        f"The {other_name}'s vocabulary has {other_size} entries but the {model_name}'s has {size} (the widths of "
+        f"their output logits): {reason} {fix}"
+    )
+
+
+# Why a reference must share the policy's vocabulary, and what to do, in the trainers' message
+REFERENCE_VOCABULARY_REASON = (
+    "the token-level losses compare the two models' log-probabilities of the same token ids (TDPO's and TBPO-A's KL "
+    "their whole next-token distributions), so they must use one tokenizer."
+)
+REFERENCE_VOCABULARY_FIX = (
+    "Pass as `ref_model` the model the policy starts from (usually its SFT model), or leave `ref_model` unset to use "
+    "a copy of the policy."
+)
+
+
+def _largest_token_ids(dataset: Dataset) -> tuple[int, int, str] | None:
+    """The largest token id of a tokenized map-style dataset, the first row holding it and its column, or None
+    (Arrow compute over the id columns: milliseconds per million tokens)."""
+    columns = [column for column in ("prompt_ids", "chosen_ids", "rejected_ids") if column in dataset.column_names]
+    if not columns or len(dataset) == 0:
+        return None
+    table = dataset.select_columns(columns).with_format("arrow")[:]
+    largest = None
+    for column in columns:
+        ids = table[column].combine_chunks()
+        values = pc.list_flatten(ids)
+        if len(values) == 0:
+            continue
+        value = pc.max(values).as_py()
+        if largest is None or value > largest[0]:
+            row = pc.list_parent_indices(ids)[pc.index(values, value).as_py()].as_py()
+            largest = (value, row, column)
+    return largest
+
+
+def check_token_ids_fit(model, processing_class, datasets: dict, pad_token_id: int | None = None) -> None:
+    """Refuse token ids that the model cannot embed, before any step reads them (torch would fail mid-training with a
+    bare `IndexError: index out of range in self`): the largest id of each tokenized map-style dataset, and the pad
+    id the collator pads with, against the model's embedding rows (and output logits).
+
+    A tokenizer with fewer tokens than the embedding has rows is common (padded embeddings) and fine. A tokenizer with
+    more (tokens added without resizing the model) is warned about when no row holds such an id: DPOTrainer trains on
+    it, but text that tokenizes to one of them fails. Rows of an `IterableDataset` are not read ahead.
+    """
+    tokenizer = text_tokenizer(processing_class)
+    limits = [size for size in (embedding_rows(model), output_vocab_size(model)) if size is not None]
+    if not limits:
+        return
+    rows = min(limits)
+    vocabulary = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    tokenizer_size = len(tokenizer) if hasattr(tokenizer, "__len__") else len(vocabulary)
+    largest_tokenizer_id = max(vocabulary.values(), default=tokenizer_size - 1)
+    tokenizer_text = f"the tokenizer ({tokenizer_size} tokens, largest id {largest_tokenizer_id})"
+    model_text = f"the model's embedding has {rows} rows (ids 0 to {rows - 1})"
+    fix = (
+        "Use the tokenizer the model was trained with; if you added tokens to it, resize the model's embeddings to "
+        "match before training (`model.resize_token_embeddings(len(tokenizer))`, then pass that model, or save it and "
+        "pass its path)."
+    )
+    for name, dataset in datasets.items():
+        if not isinstance(dataset, Dataset):
+            continue
+        found = _largest_token_ids(dataset)
+        if found is not None and found[0] >= rows:
+            largest, row, column = found
+            raise ValueError(
+                f"The {name} dataset holds token id {largest} (row {row}, `{column}`), but {model_text}: "
+                f"{tokenizer_text} is not the model's, or tokens were added to it without resizing the model. {fix}"
+            )
+    if pad_token_id is not None and pad_token_id >= rows:
+        raise ValueError(
+            f"Batches are padded with the token id {pad_token_id} (the pad token), but {model_text}: padding would "
+            f"fail at the first batch. {tokenizer_text[0].upper() + tokenizer_text[1:]} is not the model's, or the pad "
+            f"token was added to it without resizing the model. {fix} To pad without a new token, set "
+            "`tokenizer.pad_token = tokenizer.eos_token`."
+        )
+    if largest_tokenizer_id >= rows:
+        logger.warning_once(
+            f"{tokenizer_text[0].upper() + tokenizer_text[1:]} has ids that the model cannot embed: {model_text}. No "
+            "row of the (map-style) datasets holds such an id, so training runs, but text that tokenizes to one of "
+            "them fails with `IndexError: index out of range` (rows of a streamed dataset are only read during "
+            f"training). {fix}"
         )
 
 
@@ -382,6 +546,27 @@ def check_columns(dataset, dataset_name: str, eos_token: str | None) -> bool:
     return "prompt" in columns
 
 
+def check_chat_template(dataset, dataset_name: str, processing_class) -> None:
+    """Refuse conversational rows when the processing class has no chat template to render them: transformers would
+    fail inside DPOTrainer's tokenization with a message that names neither the dataset nor the fix."""
+    first_row = next(iter(dataset), None)
+    if first_row is None or not isinstance(first_row.get("chosen"), list):
+        return
+    if getattr(processing_class, "chat_template", None) is not None:
+        return
+    source = getattr(processing_class, "name_or_path", None)
+    loaded_from = f", loaded from {source!r}" if source else ""
+    raise ValueError(
+        f"The {dataset_name} dataset is conversational (its rows are lists of {{'role', 'content'}} messages), but "
+        f"the processing class ({type(processing_class).__name__}{loaded_from}) has no chat template to render the "
+        "messages into text. Pass as `processing_class` a tokenizer whose `chat_template` is set (e.g. the tokenizer "
+        "of the model's chat or instruct version, or set `tokenizer.chat_template` to a Jinja template), or save a "
+        "template beside the model (`tokenizer.save_pretrained(model_path)` after setting it writes "
+        "`chat_template.jinja`; the scripts load the tokenizer from `--model_name_or_path`), or convert the rows to "
+        "the standard format (strings)."
+    )
+
+
 def check_rows(dataset: Dataset, dataset_name: str, has_prompt: bool, eos_token: str | None) -> None:
     """Check every row's fields (plain Python over batches of columns: ~0.1 s per 100k string rows, ~1.5 s per
     100k conversational rows, most of it Arrow-to-Python conversion)."""
@@ -408,7 +593,11 @@ def check_rows(dataset: Dataset, dataset_name: str, has_prompt: bool, eos_token:
 
 def check_lm_head_supported(model) -> None:
     """Refuse PEFT's `trainable_token_indices` on the LM head, whose wrapper exposes no bias to the chunked pass."""
-    if is_peft_model(model) and isinstance(model.get_base_model().get_output_embeddings(), TrainableTokensWrapper):
+    if not is_peft_model(model):
+        return
+    from peft.utils import TrainableTokensWrapper  # here: importing peft imports bitsandbytes, which may print notices
+
+    if isinstance(model.get_base_model().get_output_embeddings(), TrainableTokensWrapper):
         raise ValueError(
             "PEFT's `trainable_token_indices` on the LM head is not supported: the token-level trainers read the "
             "LM head's weight and bias directly to compute per-token statistics in chunks, and the wrapper that "
@@ -525,4 +714,115 @@ def identical_pairs(dataset: Dataset) -> np.ndarray:
             )
         ],
         dtype=np.int64,
+    )
+
+
+def check_not_only_identical_pairs(num_identical: int, num_rows: int, dataset_name: str) -> None:
+    """Refuse a dataset in which every pair has the same chosen and rejected tokens: there is no preference to learn
+    (DPO's loss stays at ln 2 with a zero gradient, while the optimiser's momentum and weight decay, and the per-token
+    terms of TDPO and TBPO, still move the weights), so such a run only wastes its compute."""
+    if num_rows == 0 or num_identical < num_rows:
+        return
+    raise ValueError(
+        f"Every pair of the {dataset_name} dataset ({num_rows} rows) has identical chosen and rejected completions "
+        "(the same tokens), so the dataset expresses no preference and training would learn nothing from it. Check "
+        "how the `rejected` column was built (e.g. a mapping that copied `chosen` into it, or the same column loaded "
+        "twice), and drop pairs without a preference (`dataset.filter(lambda row: row['chosen'] != "
+        "row['rejected'])`)."
+    )
+
+
+# Above this mean reference mass outside the cached top-k, the cached KL's p90 relative error reaches about 1%
+# (docs/benchmarks.md, "Reference cache": the aggregate error was 1.5-4.4x the mean bucket mass, the p90 2-3x that)
+CACHE_TAIL_MASS_THRESHOLD = 1e-3
+# A whole-vocabulary (exact) cache is suggested outright when it takes at most this much for the dataset
+CHEAP_EXACT_CACHE_BYTES = 2**30
+_CACHE_ROWS_PER_BATCH = 1024
+
+
+def _cache_tail_masses(dataset: Dataset, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per cached completion token: the reference's mass outside its top-k (the bucket) and the probability of the
+    k-th (least likely) cached token, read from the reference cache's columns in batches of rows."""
+    from .precompute import REF_TAIL_COLUMNS, REF_TOPK_LOGPS_COLUMNS
+
+    tails, smallest = [], []
+    view = dataset.select_columns([*REF_TAIL_COLUMNS, *REF_TOPK_LOGPS_COLUMNS]).with_format("arrow")
+    for start in range(0, len(dataset), _CACHE_ROWS_PER_BATCH):
+        table = view[start : start + _CACHE_ROWS_PER_BATCH]
+        for tail_column, topk_column in zip(REF_TAIL_COLUMNS, REF_TOPK_LOGPS_COLUMNS, strict=True):
+            # Tokens that truncation removed hold nulls in both columns: dropped in both, the rest stay aligned
+            tail = pc.list_flatten(table[tail_column]).drop_null().to_numpy(zero_copy_only=False)
+            topk = pc.list_flatten(table[topk_column]).drop_null().to_numpy(zero_copy_only=False)
+            tails.append(np.exp(tail.astype(np.float64)))
+            smallest.append(np.exp(topk.reshape(-1, k).min(axis=1).astype(np.float64)))
+    return np.concatenate(tails), np.concatenate(smallest)
+
+
+def smallest_sufficient_top_k(masses: np.ndarray, kth_probs: np.ndarray, k: int, vocab_size: int, threshold: float):
+    """A lower bound on the `ref_top_k` whose mean bucket mass is at most `threshold`, from a cache at k.
+
+    No uncached token is more likely than the k-th cached one, so caching j more tokens removes at most
+    `j·p_k` from a token's bucket mass m: its bucket keeps at least `max(0, m − j·p_k)`. The smallest j for which the
+    mean of that bound falls to `threshold` (found by bisection) gives the bound `k + j`; it is reached only if the
+    tail is flat, so the k needed may be larger (never smaller).
+    """
+    low, high = 0, vocab_size - k  # at j = V - k the bound is 0: every token is cached
+
+    def bound(j):
+        return np.maximum(masses - j * kth_probs, 0.0).mean()
+
+    while low < high:
+        middle = (low + high) // 2
+        if bound(middle) <= threshold:
+            high = middle
+        else:
+            low = middle + 1
+    return k + low
+
+
+def warn_if_reference_cache_misses_mass(dataset: Dataset, name: str, k: int, vocab_size: int) -> None:
+    """After the reference-cache precompute: warn when the reference's mean mass outside the cached top-k (what
+    `kl/cache_tail_mass` logs during training) is above [`CACHE_TAIL_MASS_THRESHOLD`], with the `ref_top_k` to use.
+
+    The mean is over every cached completion token. The `ref_top_k` suggested is the whole vocabulary (the exact KL)
+    when its cache is cheap (at most [`CHEAP_EXACT_CACHE_BYTES`] for this dataset) or not much larger than the
+    smallest k that could suffice ([`smallest_sufficient_top_k`]); otherwise that lower bound, which the cached
+    values can give but not the k that suffices (that needs the probabilities the cache does not hold).
+    """
+    if k >= vocab_size or len(dataset) == 0:
+        return
+    from .precompute import cache_bytes_per_token
+
+    masses, kth_probs = _cache_tail_masses(dataset, k)
+    if masses.size == 0:
+        return
+    mean_mass = float(masses.mean())
+    if mean_mass <= CACHE_TAIL_MASS_THRESHOLD:
+        return
+    needed = smallest_sufficient_top_k(masses, kth_probs, k, vocab_size, CACHE_TAIL_MASS_THRESHOLD)
+    exact_bytes = masses.size * cache_bytes_per_token(vocab_size)
+    exact_size = f"{exact_bytes / 2**20:,.1f} MiB" if exact_bytes < 2**30 else f"{exact_bytes / 2**30:,.1f} GiB"
+    exact = f"`ref_top_k={vocab_size}`, the whole vocabulary (the KL is then exact; {exact_size} for this dataset)"
+    bound = (
+        f"a lower bound from the cached probabilities: no uncached token is more likely than the {k}-th cached one, "
+        "so fewer cannot suffice"
+    )
+    if exact_bytes <= CHEAP_EXACT_CACHE_BYTES:
+        advice = f"Set {exact}."
+    elif 2 * needed >= vocab_size:
+        advice = (
+            f"At least {needed} of the {vocab_size} tokens would have to be cached ({bound}): set {exact}, or train "
+            "against the live reference (`precompute_ref_log_probs=False`)."
+        )
+    else:
+        advice = (
+            f"Raise `ref_top_k` to at least {needed} ({bound}; the k that suffices may be larger), e.g. "
+            f"`ref_top_k={2 ** math.ceil(math.log2(needed))}`, and check `kl/cache_tail_mass` in the logs; or set "
+            f"{exact}; or train against the live reference (`precompute_ref_log_probs=False`)."
+        )
+    logger.warning(
+        f"The reference cache of the {name} dataset leaves on average {mean_mass:.3g} of the reference's probability "
+        f"outside its top {k} tokens (`kl/cache_tail_mass`, over {masses.size:,} completion tokens). The cached KL is "
+        f"a lower bound of the exact KL whose error grows with that mass: above {CACHE_TAIL_MASS_THRESHOLD:g} it "
+        'exceeds about 1% (docs/benchmarks.md, "Reference cache"). ' + advice
     )

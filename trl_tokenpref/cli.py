@@ -24,6 +24,7 @@ the trainer they build. The steps around the trainer live here, once:
 import contextlib
 import difflib
 import functools
+import json
 import os
 import warnings
 from pathlib import Path
@@ -34,19 +35,12 @@ from .checks import LOCAL_FILE_BUILDERS, missing_local_path
 
 
 @functools.cache
-def _accelerate_logger():
-    from accelerate.logging import get_logger
+def _logger():
+    """The package's logger (`_logging.py`: only the main process logs, `[RANK i]` only under several processes; one
+    adapter, so that `warning_once` works)."""
+    from ._logging import get_logger
 
     return get_logger(__name__)
-
-
-def _logger():
-    """accelerate's logger (only the main process logs; one adapter, so that `warning_once` works), with the
-    accelerate state it needs created if no `TrainingArguments` did it yet (e.g. a helper called on its own)."""
-    from accelerate import PartialState
-
-    PartialState()
-    return _accelerate_logger()
 
 
 def _close_match(name: str, candidates) -> str:
@@ -286,6 +280,64 @@ def set_model_init_kwargs(training_args, model_args) -> None:
     training_args.model_init_kwargs = model_init_kwargs
 
 
+# Largest text data file read to tell whether it holds only whitespace (an empty JSON array included)
+_SMALL_FILE_BYTES = 1 << 16
+
+
+def _holds_no_row(content: bytes) -> bool:
+    """Whether a small text data file holds nothing but whitespace or an empty JSON array."""
+    if not content.strip():
+        return True
+    try:
+        return json.loads(content) == []
+    except ValueError:
+        return False
+
+
+def empty_data_files(path: Path) -> list[str]:
+    """The data files (`.json`, `.jsonl`, `.csv`, `.parquet`) that `load_dataset` would read from the local file or
+    folder `path` and that hold no row: 0 bytes, only whitespace or an empty JSON array, or a Parquet file of 0
+    rows. `datasets` fails on any of them with a bare `StopIteration` or "Instruction 'train' corresponds to no
+    data", naming no file."""
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(
+            file
+            for file in path.rglob("*")
+            if file.is_file()
+            and file.suffix.lower() in LOCAL_FILE_BUILDERS
+            and not any(part.startswith(".") for part in file.relative_to(path).parts)
+        )
+    empty = []
+    for file in files:
+        size = file.stat().st_size
+        if file.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                is_empty = size == 0 or pq.ParquetFile(file).metadata.num_rows == 0
+            except Exception:  # not a readable Parquet file: `datasets` says so itself
+                is_empty = False
+        else:
+            is_empty = size <= _SMALL_FILE_BYTES and _holds_no_row(file.read_bytes())
+        if is_empty:
+            empty.append(f"{file} ({size} bytes)")
+    return empty
+
+
+def check_data_files_hold_rows(path: Path, dataset_name: str) -> None:
+    """Refuse a local dataset with a data file that holds no row (see [`empty_data_files`]), naming the files."""
+    empty = empty_data_files(path)
+    if empty:
+        raise ValueError(
+            f"The dataset {dataset_name} has data files without any row: {', '.join(empty)}. Write the rows into them "
+            "(a write that was interrupted leaves an empty file: run what wrote it again; `python -m "
+            "trl_tokenpref.data DIR` writes the default dataset), or remove them (the test split is only read when the "
+            "run evaluates)."
+        )
+
+
 def load_preference_dataset(script_args, dataset_args):
     """Loads the preference dataset the script arguments name.
 
@@ -330,6 +382,7 @@ def load_preference_dataset(script_args, dataset_args):
             raise ValueError(
                 f"Cannot load the local file {path}: expected one of the extensions {sorted(LOCAL_FILE_BUILDERS)}."
             )
+        check_data_files_hold_rows(path, script_args.dataset_name)
         # A single file is one split: the one the trainer reads.
         data_files = {script_args.dataset_train_split: str(path)}
         return load_dataset(builder, data_files=data_files, streaming=streaming)
@@ -337,6 +390,8 @@ def load_preference_dataset(script_args, dataset_args):
         return load_from_disk(str(path))
     if path.is_dir() and (path / "state.json").is_file():  # a single `Dataset.save_to_disk`
         return DatasetDict({script_args.dataset_train_split: load_from_disk(str(path))})
+    if path.is_dir():
+        check_data_files_hold_rows(path, script_args.dataset_name)
     # A Hub name, or a local directory of data files, whose builder and splits `datasets` infers from the file names
     return load_dataset(script_args.dataset_name, name=script_args.dataset_config, streaming=streaming)
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
+from .checks import check_same_vocabulary, output_vocab_size
 from .token_stats import full_vocabulary_stats
 
 
@@ -178,30 +179,19 @@ def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) 
     return encoded
 
 
-def _vocab_size(model: torch.nn.Module) -> int | None:
-    """Width of the model's output logits: its LM head's `out_features` (a quantised head's weight is packed, so its
-    shape says nothing), else `config.vocab_size`."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    out_features = getattr(head, "out_features", None)
-    if isinstance(out_features, int):
-        return out_features
-    return getattr(getattr(model, "config", None), "vocab_size", None)
-
-
 def _check_same_vocabulary(policy: torch.nn.Module, reference: torch.nn.Module | None) -> None:
-    if reference is None:
-        return
-    policy_size, reference_size = _vocab_size(_unwrap(policy)), _vocab_size(_unwrap(reference))
-    if policy_size is not None and reference_size is not None and policy_size != reference_size:
-        raise ValueError(
-            f"The policy and the reference have different vocabularies ({policy_size} and {reference_size} output "
-            "logits): every KL compares their next-token distributions token by token, so they must share one "
-            "tokenizer. Pass the reference the policy was trained from (e.g. its SFT model)."
+    if reference is not None:
+        check_same_vocabulary(
+            _unwrap(policy),
+            _unwrap(reference),
+            "reference",
+            "every KL compares their next-token distributions token by token, so they must share one tokenizer.",
+            "Pass the reference the policy was trained from (e.g. its SFT model).",
         )
 
 
 def _check_token_ids(rows: Sequence[Sequence[int]], model: torch.nn.Module, what: str) -> None:
-    vocab_size = _vocab_size(_unwrap(model))
+    vocab_size = output_vocab_size(_unwrap(model))
     largest = max((max(row) for row in rows if len(row) > 0), default=None)
     if vocab_size is not None and largest is not None and (largest >= vocab_size or largest < 0):
         raise ValueError(

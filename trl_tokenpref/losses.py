@@ -38,7 +38,6 @@ __all__ = [
     "TGDPOLossOutput",
     "bregman_loss",
     "center_log_weights",
-    "compact_completion_tokens",
     "sequence_sum",
     "tbpo_loss",
     "tdpo_loss",
@@ -168,43 +167,6 @@ def sequence_sum(values: Tensor, mask: Tensor) -> Tensor:
     """
     values = values.to(_compute_dtype(values))
     return torch.where(mask.bool(), values, 0.0).sum(-1)
-
-
-def compact_completion_tokens(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Left-compact each row's completion tokens: the k-th masked token of a row moves to column k.
-
-    This implements "align by completion index, not by column" (docs/algorithms.md §0, §3.5): after compaction, column k
-    of a chosen row and column k of its rejected row hold completion token k of either response, whatever the
-    padding side, prompt length or truncation. Order is preserved.
-
-    Args:
-        values: ``[R, L]`` per-token values, any dtype (kept); differentiable.
-        mask: ``[R, L]`` completion mask, bool or 0/1.
-
-    Returns:
-        ``(compacted, compacted_mask)``, both ``[R, K]`` with ``K = max(1, max_r Σ_l mask[r, l])``; unused slots hold
-        0 and ``False``. Gradients flow back to the original positions (a ``gather``), never to masked-out ones.
-
-    Note:
-        K depends on the data, so on an accelerator this reads one scalar back to the host (one synchronisation).
-    """
-    if values.dim() != 2 or values.shape != mask.shape:
-        raise ValueError(
-            f"Expected values and mask of the same 2-D shape [R, L], "
-            f"got {tuple(values.shape)} and {tuple(mask.shape)}."
-        )
-    mask = mask.bool()
-    rows, length = values.shape
-    counts = mask.sum(-1)  # [R]
-    width = max(int(counts.max()) if rows > 0 else 0, 1)
-    compacted_mask = torch.arange(width, device=mask.device) < counts[:, None]  # [R, K]
-    if length == 0:
-        return values.new_zeros(rows, width), compacted_mask
-    # A stable sort on "is padding" puts the masked columns first, in their original order.
-    order = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)  # [R, L]
-    compacted = values.gather(-1, order[:, :width])  # [R, K]; unused slots hold padding values ...
-    compacted = torch.where(compacted_mask, compacted, values.new_zeros(()))  # ... replaced by 0 (and 0 gradient)
-    return compacted, compacted_mask
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -483,7 +445,7 @@ def tbpo_loss(
     * per pair, ``L = Σ_t m_t ℓ_t / max(Σ_t m_t, 1)``.
 
     Args:
-        chosen_logratios: ``[B, K]`` ρ^w_t, aligned by completion index (see ``compact_completion_tokens``).
+        chosen_logratios: ``[B, K]`` ρ^w_t, aligned by completion index (``TokenBatch.aligned_pairs``).
         rejected_logratios: ``[B, K]`` ρ^l_t, aligned the same way.
         pair_mask: ``[B, K]`` bool or 0/1, true for k < min(n_w, n_l).
         beta: temperature β > 0 (paper default 0.1).

@@ -20,6 +20,7 @@ Tokens that `max_length` truncation removes are never scored and hold `None` (th
 """
 
 import contextlib
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -29,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from accelerate.logging import get_logger
+import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, tqdm
 from datasets import Dataset, Features, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
@@ -37,8 +38,11 @@ from datasets.table import InMemoryTable
 from torch.utils.data import DataLoader
 
 from ._compat import DataCollatorForPreference, dataset_cache_file, dataset_fingerprint
+from ._logging import get_logger
 from .checks import scored_completion_range
 from .files import atomic_write, remove_orphan_temporaries
+from .packing import PACKED_BATCH_KEY
+from .token_batch import TokenBatch
 
 
 logger = get_logger(__name__)
@@ -66,40 +70,69 @@ def cache_bytes_per_token(k: int) -> int:
 # Part of every cache key: bump when the stored values change meaning
 PRECOMPUTE_VERSION = "per-token-values-1"
 
-# A scoring function: (model, collated batch) -> {(chosen column, rejected column): values [2B, L-1] or [2B, L-1, w]},
-# the values of every label position of the batch [chosen; rejected] (read only at completion tokens); w values per
-# token are stored flattened, w per token in a row
+# A scoring function: (model, collated batch) -> {(chosen column, rejected column): values [N] or [N, w]}, the values
+# of the batch's labelled tokens in `TokenBatch` order (padded or packed batch alike); w values per token are stored
+# flattened, w per token in a row
 ScoreBatch = Callable[[torch.nn.Module, dict], dict[tuple[str, str], torch.Tensor]]
 
 
 @dataclass
 class DataCollatorForPerTokenColumns(DataCollatorForPreference):
     """
-    [`~trl.trainer.dpo_trainer.DataCollatorForPreference`] that also pads the per-token columns the examples carry.
+    [`~trl.trainer.dpo_trainer.DataCollatorForPreference`] for the token-level trainers: it also collates the
+    per-token columns the examples carry, and with `padding_free=True` packs the sequences into one row.
 
     Each column of `per_token_columns` holds, per row, `w` values per token of `chosen_ids` / `rejected_ids` (w = 1,
-    or k for the reference cache's top-k columns). It is returned aligned with the shifted labels, like the per-token
-    statistics: a tensor of shape `(batch_size, seq_len - 1)` (or `(batch_size, seq_len - 1, k)` for the top-k columns)
-    whose column `p - 1` holds the value(s) of the completion token at position `p` of the padded sequence, and 0
-    everywhere else (prompt, padding). Values are truncated exactly as the token ids are (`max_length`,
-    `truncation_mode`), so a truncated completion keeps the values of the tokens it keeps; a value may be missing
-    (`None`) only for a token that the truncation removes. Token ids come back as int64, everything else as float32.
+    or k for the reference cache's top-k columns). It is returned flat, in the order of the batch's labelled tokens
+    ([`~trl_tokenpref.token_batch.TokenBatch`]: row by row, each completion's tokens in reading order): a tensor of shape
+    `(n,)` (or `(n, k)` for the top-k columns), n the number of completion tokens of that side that training reads.
+    Values are truncated exactly as the token ids are (`max_length`, `truncation_mode`), so a truncated completion
+    keeps the values of the tokens it keeps; a value may be missing (`None`) only for a token that the truncation
+    removes. Token ids come back as int64, everything else as float32. Padded or packed, the columns are the same.
+
+    Args:
+        per_token_columns (`tuple[str, ...]`):
+            The per-token columns to collate when the examples have them.
+        padding_free (`bool`, *optional*, defaults to `False`):
+            Pack the batch: `input_ids`, `completion_mask` and `position_ids` of shape `(1, T)`, the 2B sequences one
+            after another with no padding (T = Σ L_i; `position_ids` restart at 0 at each sequence), and
+            `cu_seq_lens` `(2B + 1,)`, the sequences' boundaries (`packing.py`). No `attention_mask`: the trainer
+            gives the model the one its attention implementation expects.
     """
 
     per_token_columns: tuple[str, ...] = REF_CACHE_COLUMNS
+    padding_free: bool = False
 
     def torch_call(self, examples: list[dict]) -> dict:
         output = super().torch_call(examples)
-        num_columns = output["input_ids"].size(1) - 1
+        if self.padding_free:
+            output = self._pack(output)
         for column in self.per_token_columns:
             if column in examples[0]:
-                output[column] = self._align(examples, column, num_columns)
+                output[column] = self._flat(examples, column)
         return output
 
-    def _align(self, examples: list[dict], column: str, num_columns: int) -> torch.Tensor:
+    @staticmethod
+    def _pack(padded: dict) -> dict:
+        """The padded batch without its padding (right padding: each row's real tokens are a prefix of it)."""
+        real = padded["attention_mask"].bool()
+        lengths = real.sum(dim=1)
+        packed = {
+            key: value
+            for key, value in padded.items()
+            if key not in ("input_ids", "attention_mask", "completion_mask")
+        }
+        packed["input_ids"] = padded["input_ids"][real].unsqueeze(0)
+        packed["completion_mask"] = padded["completion_mask"][real].unsqueeze(0)
+        packed["position_ids"] = torch.cat([torch.arange(int(length)) for length in lengths]).unsqueeze(0)
+        packed[PACKED_BATCH_KEY] = F.pad(torch.cumsum(lengths, dim=0), (1, 0)).to(torch.int32)
+        return packed
+
+    def _flat(self, examples: list[dict], column: str) -> torch.Tensor:
         side = "chosen" if "chosen" in column else "rejected"
         is_ids = column in REF_TOPK_IDS_COLUMNS
-        aligned = None
+        dtype = torch.long if is_ids else torch.float32
+        parts = []
         for i, example in enumerate(examples):
             values, num_tokens = example[column], len(example[f"{side}_ids"])
             width = len(values) // num_tokens if values is not None and num_tokens else 1
@@ -110,18 +143,13 @@ class DataCollatorForPerTokenColumns(DataCollatorForPreference):
                     "completion token, as the trainer tokenizes it. Recompute it with the training tokenizer, "
                     "`max_length` and `truncation_mode` (token rewards: `scripts/compute_token_rewards.py`)."
                 )
-            if aligned is None:
-                shape = (
-                    (len(examples), num_columns, width) if column in VECTOR_COLUMNS else (len(examples), num_columns)
-                )
-                aligned = torch.zeros(shape, dtype=torch.long if is_ids else torch.float32)
-            start, stop, position = scored_completion_range(
+            start, stop, _ = scored_completion_range(
                 len(example["prompt_ids"]), num_tokens, self.max_length, self.truncation_mode
             )
             read = values[start * width : max(start, stop) * width]
             # Converted first, checked on the tensor: per-value Python checks were 80% of the collator's time
             try:
-                kept = torch.tensor(read, dtype=aligned.dtype).view(-1, *aligned.shape[2:])
+                kept = torch.tensor(read, dtype=dtype)
             except (TypeError, RuntimeError):  # a None among the values
                 kept = None
             valid = kept is not None
@@ -136,16 +164,20 @@ class DataCollatorForPerTokenColumns(DataCollatorForPreference):
                     "that training reads. Values must be finite; recompute them using the training `max_length` and "
                     "`truncation_mode`."
                 )
-            # The label of the token at sequence position p sits at column p - 1 of the shifted tensors
-            aligned[i, position - 1 : position - 1 + kept.size(0)] = kept
-        return aligned
+            parts.append(kept.view(-1, width) if column in VECTOR_COLUMNS else kept)
+        return torch.cat(parts)
 
 
-def with_per_token_collator(collator, collator_class=DataCollatorForPerTokenColumns):
-    """DPOTrainer's default collator swapped for `collator_class` with the same settings; any other collator unchanged
-    (it must pad the per-token columns itself)."""
-    if type(collator) is DataCollatorForPreference:
-        return collator_class(**{f.name: getattr(collator, f.name) for f in fields(collator)})
+def with_per_token_collator(collator, collator_class=DataCollatorForPerTokenColumns, padding_free: bool = False):
+    """DPOTrainer's default collator (or one of ours) as `collator_class` with the same settings and `padding_free`;
+    any other collator unchanged (it must collate the per-token columns itself, flat)."""
+    if type(collator) is DataCollatorForPreference or (
+        isinstance(collator, DataCollatorForPerTokenColumns) and issubclass(collator_class, type(collator))
+    ):
+        settings = {f.name: getattr(collator, f.name) for f in fields(DataCollatorForPreference)}
+        return collator_class(**settings, padding_free=padding_free)
+    if isinstance(collator, DataCollatorForPerTokenColumns) and collator.padding_free != padding_free:
+        return dataclasses.replace(collator, padding_free=padding_free)  # a subclass of ours: the config decides
     return collator
 
 
@@ -181,7 +213,8 @@ def add_per_token_columns(
     Args:
         dataset: tokenized (`prompt_ids`, `chosen_ids`, `rejected_ids`) map-style dataset. Existing columns of the same
             names (e.g. from an earlier precompute) are replaced.
-        score_batch: `(model, batch) -> {(chosen_column, rejected_column): [2B, L-1] tensor}`, run without gradient.
+        score_batch: `(model, batch) -> {(chosen_column, rejected_column): [N] or [N, w] tensor}` (the batch's labelled
+            tokens, in `TokenBatch` order), run without gradient.
         model: passed to `score_batch` (the reference, or an engine wrapping it).
         columns: the `(chosen_column, rejected_column)` pairs `score_batch` returns.
         cache_key: everything besides the dataset that the values depend on (model hashes, truncation, β, ...).
@@ -412,19 +445,26 @@ def _compute_per_token_table(
     ):
         with torch.no_grad(), accelerator.autocast():
             values = score_batch(model, batch)
-        # Split [chosen; rejected] before gathering: `gather_for_metrics` trims the last batch to the number of
-        # remaining *pairs*, so a [2B, ...] tensor would lose its rejected rows. Rows of different processes have
-        # different lengths: pad them first (the mask says which values are real).
+        # Each sequence's values by completion index, `[2B, K(, w)]`, split [chosen; rejected] before gathering:
+        # `gather_for_metrics` trims the last batch to the number of remaining *pairs*, so a [2B, ...] tensor would
+        # lose its rejected rows. Rows of different processes have different K: padded first (the counts say which
+        # values are real). The same for a padded and a packed batch.
+        token_batch = TokenBatch.from_inputs(batch)
         gathered = {}
-        for key, value in {"mask": batch["completion_mask"][:, 1:], **values}.items():
-            for side, half in zip(("chosen", "rejected"), value.chunk(2, dim=0), strict=True):
+        for side, counts in zip(("chosen", "rejected"), token_batch.split(token_batch.token_counts), strict=True):
+            gathered["counts", side] = accelerator.gather_for_metrics(counts).cpu()
+        for pair, value in values.items():
+            matrix, _ = token_batch.per_sequence(value)
+            for side, half in zip(("chosen", "rejected"), token_batch.split(matrix), strict=True):
                 half = accelerator.gather_for_metrics(accelerator.pad_across_processes(half, dim=1))
-                gathered[key, side] = half.cpu()
+                gathered[pair, side] = half.cpu()
         for side_index, side in enumerate(("chosen", "rejected")):
-            mask = gathered["mask", side].bool()
-            kept_counts[side].append(mask.sum(dim=1).numpy())
+            counts = gathered["counts", side]
+            kept_counts[side].append(counts.numpy())
             for pair in columns:
-                values = gathered[pair, side][mask]  # [n] or [n, w]
+                matrix = gathered[pair, side]
+                mask = torch.arange(matrix.size(1)) < counts[:, None]
+                values = matrix[mask]  # [n] or [n, w]
                 widths[pair] = 1 if values.dim() == 1 else values.size(1)
                 integral = not (values.is_floating_point() or values.is_complex())
                 values = values.to(torch.int32) if integral else values.float()

@@ -91,9 +91,10 @@ class TBPOConfig(TokenLevelDPOConfig):
     > [!NOTE]
     > Every other default is [`~trl.DPOConfig`]'s (e.g. `learning_rate=1e-6`, `beta=0.1`). The paper trains with
     > RMSprop at `learning_rate=5e-7`, a cosine schedule with 5% warm-up, and `max_grad_norm=10`.
-    > `precompute_ref_log_probs=True` is refused for the token-level variants (TBPO-A needs the reference's whole
-    > next-token distribution, TBPO-Q its per-token log-probabilities; precomputing keeps only their sums) and
-    > accepted with `token_level=False`, where the sums are all the loss needs.
+    > `precompute_ref_log_probs=True`: TBPO-A stores the reference cache (the reference's top-`ref_top_k` tokens per
+    > completion token, for its KL state term; docs/algorithms.md §9); sequence-level BPO (`token_level=False`)
+    > stores DPOTrainer's summed log-probabilities, all its loss needs; TBPO-Q is refused (its loss needs the
+    > reference's log-probability of every completion token, which neither store is built for).
     """
 
     variant: str = field(

@@ -2,19 +2,13 @@ import os
 import textwrap
 
 import torch
-from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
+from .._logging import get_logger
 from ..base import TokenLevelDPOTrainer
-from ..losses import (
-    Metric,
-    center_log_weights,
-    compact_completion_tokens,
-    sequence_sum,
-    sequential_kl_metrics,
-    tbpo_loss,
-)
+from ..losses import Metric, center_log_weights, sequential_kl_metrics, tbpo_loss
+from ..token_batch import TokenBatch
 from .baseline_head import (
     BASELINE_HEAD_NAME,
     BASELINE_OPTIMIZER_NAME,
@@ -198,22 +192,20 @@ class TBPOTrainer(TokenLevelDPOTrainer):
         )
         return head, optimizer
 
-    def _state_baselines(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`b_φ(s_t)` at every completion token, `[2B, L-1]`, 0 elsewhere.
+    def _state_baselines(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`b_φ(s_t)` at every labelled token, `[N]`, from the policy's final hidden states there, `[N, H]`.
 
-        `hidden_states[:, j]` is the policy's final hidden state at input position j, the one that predicts input token
-        j + 1 (shifted label column j; TRL's shift is logits[:, :-1] ↔ input_ids[:, 1:]). At the column of completion
-        token y_t it is therefore the state of the prefix s_t = [x, y_<t], before y_t is chosen: the paper's b_φ(s_t)
-        (as in the official code, where b[:, :-1] is aligned with logits[:, :-1]). Only completion positions are scored.
+        The hidden state paired with completion token y_t is the one that predicts it, at the position before y_t
+        (`TokenBatch.hidden_index`; TRL's shift is logits[:, :-1] ↔ input_ids[:, 1:]): the state of the prefix
+        s_t = [x, y_<t], before y_t is chosen, the paper's b_φ(s_t) (as in the official code, where b[:, :-1] is
+        aligned with logits[:, :-1]). Only completion positions are scored.
         """
         head_param = next(self.baseline_head.parameters())
-        mask = mask.to(hidden_states.device)
         # Detached: the backbone gets no gradient through the head (paper App. C.3; invariant 26). Float32, outside
         # autocast, whatever the model's dtype.
-        features = hidden_states.detach()[mask].to(device=head_param.device, dtype=head_param.dtype)
+        features = hidden_states.detach().to(device=head_param.device, dtype=head_param.dtype)
         with torch.autocast(head_param.device.type, enabled=False):
-            values = self.baseline_head(features)
-        return values.new_zeros(mask.shape).masked_scatter(mask.to(values.device), values)
+            return self.baseline_head(features)
 
     def _baseline_optimizer_step(self) -> None:
         """One step of the head's optimizer on the gradients accumulated since the last one, then `zero_grad`."""
@@ -249,48 +241,42 @@ class TBPOTrainer(TokenLevelDPOTrainer):
     # Loss
     # ------------------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _aligned_pairs(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Chosen and rejected per-token values aligned by completion index, `[B, K]` each, and the pair mask
-        `k < min(n_w, n_l)` (docs/algorithms.md §0, §3.5). All 2B rows are compacted at once so both halves share K."""
-        compacted, compacted_mask = compact_completion_tokens(values, mask)
-        chosen, rejected = compacted.chunk(2, dim=0)  # the batch is [chosen; rejected]
-        chosen_mask, rejected_mask = compacted_mask.chunk(2, dim=0)
-        return chosen, rejected, chosen_mask & rejected_mask
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         args = self.args
-        mask = inputs["completion_mask"][:, 1:].bool()  # aligned with the shifted labels
         use_baseline = self.baseline_head is not None
+        # The batch's labelled tokens, flat (padded or packed alike): every per-token value below is [N] in its order
+        token_batch = TokenBatch.from_inputs(inputs)
 
         # Per-token statistics. One chunked pass over both LM heads gives log πθ(y_t), log π_ref(y_t) and the forward
         # KL κ_t; TBPO-Q also takes the policy's (detached) final hidden states for its head. The patched
         # `model.forward` does this work (`token_stats.add_token_stats_head`)
         cache_metrics = {}
         if args.token_level or not self.precompute_ref_logps:
-            outputs, cache_metrics = self._token_stats_with_reference(model, inputs, return_hidden_states=use_baseline)
+            outputs, cache_metrics = self._token_stats_with_reference(
+                model, inputs, token_batch, return_hidden_states=use_baseline
+            )
             token_logratios = outputs.stats.log_probs - outputs.stats.ref_log_probs  # ρ_t
-            logratios = sequence_sum(token_logratios, mask)  # S^ρ, DPO's log-ratio of each completion
+            logratios = token_batch.sequence_sums(token_logratios)  # S^ρ, DPO's log-ratio of each completion
         else:
             # Sequence-level BPO with `precompute_ref_log_probs`: the reference sums come with the batch
-            outputs = self._policy_forward(model, inputs)
+            outputs = self._policy_forward(model, inputs, token_batch=token_batch)
             ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]], dim=0)
-            logratios = sequence_sum(outputs.stats.log_probs, mask) - ref_logps
+            logratios = token_batch.sequence_sums(outputs.stats.log_probs) - ref_logps.to(outputs.stats.log_probs)
         stats = outputs.stats
-        chosen_logratios, rejected_logratios = logratios.chunk(2, dim=0)
+        chosen_logratios, rejected_logratios = token_batch.split(logratios)
 
         if args.token_level:
             # Token t of the chosen completion faces token t of the rejected one, for t ≤ T = min(n_w, n_l) (§3.3)
-            chosen_rho, rejected_rho, pair_mask = self._aligned_pairs(token_logratios, mask)
+            chosen_rho, rejected_rho, pair_mask = token_batch.aligned_pairs(token_logratios)
             if args.variant == "tbpo_a":
                 # Advantage normalisation: log w_t = KL(π_ref‖πθ)(s^l_t) − KL(π_ref‖πθ)(s^w_t), with gradient (§3.4)
-                chosen_kl, rejected_kl, _ = self._aligned_pairs(stats.forward_kl, mask)
+                chosen_kl, rejected_kl, _ = token_batch.aligned_pairs(stats.forward_kl)
                 log_weights = rejected_kl - chosen_kl
             else:
                 # Learned state baseline: log w_t = b_φ(s^l_t) − b_φ(s^w_t), centred per pair, clamped (§3.4)
-                baselines = self._state_baselines(outputs.hidden_states, mask).to(token_logratios.device)
-                chosen_baselines, rejected_baselines, _ = self._aligned_pairs(baselines, mask)
+                baselines = self._state_baselines(outputs.hidden_states).to(token_logratios.device)
+                chosen_baselines, rejected_baselines, _ = token_batch.aligned_pairs(baselines)
                 log_weights = center_log_weights(
                     rejected_baselines - chosen_baselines, pair_mask, clamp=args.baseline_clamp
                 )
@@ -315,13 +301,13 @@ class TBPOTrainer(TokenLevelDPOTrainer):
         )
         loss = self._add_aux_loss(tbpo.losses.mean(), outputs, mode)
 
-        self._log_dpo_metrics(mode, inputs, outputs, mask, chosen_logratios, rejected_logratios)
+        self._log_dpo_metrics(mode, token_batch, outputs, chosen_logratios, rejected_logratios)
         metrics = tbpo.metrics | cache_metrics  # log_R/* (and kl/cache_tail_mass)
         if args.token_level:
             metrics["min_length"] = Metric(pair_mask.sum(dim=1))  # aligned tokens per pair, T = min(n_w, n_l)
         if args.token_level and args.variant == "tbpo_a":
             # Sequential KL of each completion, as TDPO logs it
-            metrics.update(sequential_kl_metrics(*sequence_sum(stats.forward_kl, mask).chunk(2, dim=0)))
+            metrics.update(sequential_kl_metrics(*token_batch.split(token_batch.sequence_sums(stats.forward_kl))))
         if use_baseline:
             metrics["baseline/log_w_abs_mean"] = Metric(log_weights.abs(), pair_mask)
             metrics["baseline/frac_clamped"] = Metric((log_weights.abs() >= args.baseline_clamp).float(), pair_mask)

@@ -1,7 +1,8 @@
 import textwrap
 
 from ..base import TokenLevelDPOTrainer
-from ..losses import sequence_sum, tdpo_loss
+from ..losses import tdpo_loss
+from ..token_batch import TokenBatch
 from .tdpo_config import TDPOConfig
 
 
@@ -58,20 +59,21 @@ class TDPOTrainer(TokenLevelDPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        mask = inputs["completion_mask"][:, 1:].bool()  # aligned with the shifted labels
+        # The batch's labelled tokens, flat (padded or packed alike): every per-token value below is [N] in its order
+        token_batch = TokenBatch.from_inputs(inputs)
 
         # Per completion token: log πθ(y_t), log π_ref(y_t) and κ_t = KL(π_ref(·|s_t) ‖ πθ(·|s_t)) (paper Def. 4.3),
         # from one chunked pass over both LM heads, or over the policy's alone with the reference cache
         # (`precompute_ref_log_probs=True`: κ is the cached KL_K). The patched `model.forward` does this work
         # (`token_stats.add_token_stats_head`).
-        outputs, cache_metrics = self._token_stats_with_reference(model, inputs)
+        outputs, cache_metrics = self._token_stats_with_reference(model, inputs, token_batch)
         stats = outputs.stats
 
-        # Sums over the completion: S^ρ (the DPO log-ratio) and S^κ = D_SeqKL (Eqs. 13-14)
-        logratios = sequence_sum(stats.log_probs - stats.ref_log_probs, mask)
-        sequential_kl = sequence_sum(stats.forward_kl, mask)
-        chosen_logratios, rejected_logratios = logratios.chunk(2, dim=0)  # the batch is [chosen; rejected]
-        chosen_kl, rejected_kl = sequential_kl.chunk(2, dim=0)
+        # Sums over each completion: S^ρ (the DPO log-ratio) and S^κ = D_SeqKL (Eqs. 13-14)
+        chosen_logratios, rejected_logratios = token_batch.split(
+            token_batch.sequence_sums(stats.log_probs - stats.ref_log_probs)
+        )
+        chosen_kl, rejected_kl = token_batch.split(token_batch.sequence_sums(stats.forward_kl))
 
         tdpo = tdpo_loss(
             chosen_logratios,
@@ -84,6 +86,6 @@ class TDPOTrainer(TokenLevelDPOTrainer):
         )
         loss = self._add_aux_loss(tdpo.losses.mean(), outputs, mode)
 
-        self._log_dpo_metrics(mode, inputs, outputs, mask, chosen_logratios, rejected_logratios)
+        self._log_dpo_metrics(mode, token_batch, outputs, chosen_logratios, rejected_logratios)
         self._log_metrics(mode, tdpo.metrics | cache_metrics)  # kl/* and the paper's reward, tdpo_rewards/*
         return self._maybe_return_outputs(model, inputs, loss, return_outputs)

@@ -12,7 +12,6 @@ import json
 import os
 
 import torch
-from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from transformers import AutoTokenizer
 
@@ -25,11 +24,23 @@ from .._compat import (
     prepare_deepspeed,
     prepare_fsdp,
 )
-from ..checks import check_lm_head_not_quantized, check_local_path
+from .._logging import get_logger
+from ..checks import check_lm_head_not_quantized, check_local_path, check_same_vocabulary
+from ..packing import prepare_model_for_packing
+from ..token_batch import TokenBatch
 from ..token_stats import add_token_stats_head
 
 
 logger = get_logger(__name__)
+
+# Why the guidance model must share the other models' vocabulary, and what to use instead
+GUIDANCE_VOCABULARY_REASON = (
+    "the token reward r̂_t = β·(log π_guide(y_t) − log π_ref(y_t)) compares the log-probabilities of the same token "
+    "ids, so the two models must use one tokenizer."
+)
+GUIDANCE_VOCABULARY_FIX = (
+    "Use a guidance model trained with that tokenizer: usually a DPO model trained from the same reference model."
+)
 
 
 class GuidanceModel:
@@ -60,14 +71,14 @@ class GuidanceModel:
         self.model = None
         gc.collect()
 
-    def token_log_probs(self, inputs: dict) -> torch.Tensor:
-        """log π_guide(y_t|s_t) of every label, `[2B, L-1]` (0 outside the completion), without gradient."""
+    def token_log_probs(self, inputs: dict, token_batch: TokenBatch | None = None) -> torch.Tensor:
+        """log π_guide(y_t|s_t) of the batch's labelled tokens, `[N]` in `TokenBatch` order, without gradient."""
         trainer = self.trainer
         with torch.no_grad():
             outputs = self.get()(
                 **trainer._model_kwargs(inputs),
-                labels=trainer._labels(inputs),
                 token_stats=True,
+                token_batch=token_batch if token_batch is not None else TokenBatch.from_inputs(inputs),
                 chunk_size=trainer.args.token_chunk_size,
             )
         return outputs.stats.log_probs
@@ -94,6 +105,8 @@ class GuidanceModel:
         disable_dropout_in_model(guidance)  # a deterministic forward: r̂ is a constant
         if trainer.precompute_ref_logps:
             self.hash = hash_module(guidance)  # before sharding: DTensor parameters can't be hashed
+        if trainer._padding_free:
+            prepare_model_for_packing(guidance, "guidance")
         add_token_stats_head(guidance)
         if trainer.is_deepspeed_enabled:
             return prepare_deepspeed(guidance, trainer.accelerator)
@@ -145,16 +158,8 @@ class GuidanceModel:
         return init_kwargs
 
     def _check_vocab(self, guidance) -> None:
-        # From the configs: under ZeRO-3 the weights may already be partitioned to empty shards
-        policy_vocab = self.trainer.accelerator.unwrap_model(self.trainer.model).config.get_text_config().vocab_size
-        guidance_vocab = guidance.config.get_text_config().vocab_size
-        if guidance_vocab != policy_vocab:
-            raise ValueError(
-                f"The guidance model's vocabulary has {guidance_vocab} entries but the policy's has {policy_vocab}. "
-                "The token reward r̂_t = β·(log π_guide(y_t) − log π_ref(y_t)) compares the log-probabilities of the "
-                "same token ids, so the guidance model must use the policy's tokenizer: usually a DPO model trained "
-                "from the same reference model."
-            )
+        policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        check_same_vocabulary(policy, guidance, "guidance model", GUIDANCE_VOCABULARY_REASON, GUIDANCE_VOCABULARY_FIX)
 
     def _check_tokenizer(self, path: str) -> None:
         """Compare the tokenizer saved with the guidance model, if any, with the training tokenizer."""

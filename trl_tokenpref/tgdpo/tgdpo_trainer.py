@@ -16,14 +16,15 @@ import textwrap
 
 import numpy as np
 import torch
-from accelerate.logging import get_logger
 from datasets import Dataset
 
 from .._compat import precompute_model_hash
+from .._logging import get_logger
 from ..base import TokenLevelDPOTrainer
 from ..checks import check_local_path, listed_rows
-from ..losses import sequence_sum, tgdpo_loss
+from ..losses import tgdpo_loss
 from ..precompute import REF_TOKEN_LOGPS_COLUMNS
+from ..token_batch import TokenBatch
 from .guidance import GuidanceModel
 from .tgdpo_config import TGDPOConfig
 from .token_rewards import (
@@ -32,7 +33,6 @@ from .token_rewards import (
     DataCollatorForTGDPO,
     check_token_rewards_beta,
     validate_token_rewards,
-    with_tgdpo_collator,
 )
 
 
@@ -112,6 +112,7 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
     }
 
     _per_token_columns = PER_TOKEN_COLUMNS
+    _collator_class = DataCollatorForTGDPO
     _non_model_columns = TokenLevelDPOTrainer._non_model_columns + PER_TOKEN_COLUMNS
 
     def __init__(
@@ -164,12 +165,11 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        self.data_collator = with_tgdpo_collator(self.data_collator)
         if not isinstance(self.data_collator, DataCollatorForTGDPO):
             logger.warning(
-                f"TGDPOTrainer got a custom data collator ({type(self.data_collator).__name__}). It must pad the "
-                f"per-token columns {list(PER_TOKEN_COLUMNS)} that the datasets carry into tensors aligned with the "
-                "shifted labels, as `DataCollatorForTGDPO` does; subclassing it is the simplest way."
+                f"TGDPOTrainer got a custom data collator ({type(self.data_collator).__name__}). It must collate the "
+                f"per-token columns {list(PER_TOKEN_COLUMNS)} that the datasets carry flat, in the order of the "
+                "batch's labelled tokens, as `DataCollatorForTGDPO` does; subclassing it is the simplest way."
             )
         if self.guidance is not None:
             if not self.precompute_ref_logps:
@@ -236,8 +236,10 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
         """DPOTrainer's precompute of the reference, per token instead of summed (`precompute.py`): the columns
         `ref_{chosen,rejected}_token_logps` and, when the dataset has no token rewards yet, the guidance rewards
         `{chosen,rejected}_token_rewards` = β·(log π_guide − log π_ref). A training step then runs the policy only."""
-        self.data_collator = with_tgdpo_collator(self.data_collator)
+        self._check_models_and_token_ids({name: dataset})
+        self._use_token_level_collator()
         self._add_token_stats_heads()
+        self._prepare_packing()
         compute_rewards = not all(column in dataset.column_names for column in TOKEN_REWARD_COLUMNS)
         columns = [REF_TOKEN_LOGPS_COLUMNS] + ([TOKEN_REWARD_COLUMNS] if compute_rewards else [])
         # The values depend on the truncation and, for the rewards, on the guidance model and β: all in the cache key
@@ -263,28 +265,31 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        mask = inputs["completion_mask"][:, 1:].bool()  # aligned with the shifted labels
+        # The batch's labelled tokens, flat (padded or packed alike): every per-token value below is [N] in its order,
+        # and the precomputed columns are collated in that order too
+        token_batch = TokenBatch.from_inputs(inputs)
 
         # The guidance pass first (no gradient), so that its activations are freed before the policy's are stored
         precomputed_rewards = all(column in inputs for column in TOKEN_REWARD_COLUMNS)
-        guidance_log_probs = None if precomputed_rewards else self.guidance.token_log_probs(inputs)
+        guidance_log_probs = None if precomputed_rewards else self.guidance.token_log_probs(inputs, token_batch)
 
         if self.precompute_ref_logps:
             missing = [column for column in REF_TOKEN_LOGPS_COLUMNS if column not in inputs]
             if missing:
                 raise ValueError(
-                    f"`precompute_ref_log_probs=True` but the batch has no {missing}: the data collator must pad the "
-                    "per-token columns. Use `DataCollatorForTGDPO` (the default) or a subclass of it."
+                    f"`precompute_ref_log_probs=True` but the batch has no {missing}: the data collator must collate "
+                    "the per-token columns. Use `DataCollatorForTGDPO` (the default) or a subclass of it."
                 )
-            outputs = self._policy_forward(model, inputs)
+            outputs = self._policy_forward(model, inputs, token_batch=token_batch)
             ref_log_probs = torch.cat([inputs[column] for column in REF_TOKEN_LOGPS_COLUMNS], dim=0)
         else:
             # One chunked pass over both LM heads gives log πθ(y_t) and log π_ref(y_t) (the KL it also returns is
             # unused); the patched `model.forward` does this work (`token_stats.add_token_stats_head`)
-            ref_hidden_states = self._reference_hidden_states(inputs)
-            outputs = self._policy_forward(model, inputs, ref_hidden_states=ref_hidden_states)
+            ref_hidden_states = self._reference_hidden_states(inputs, token_batch)
+            outputs = self._policy_forward(model, inputs, ref_hidden_states=ref_hidden_states, token_batch=token_batch)
             ref_log_probs = outputs.stats.ref_log_probs
         stats = outputs.stats
+        ref_log_probs = ref_log_probs.to(stats.log_probs.device)
 
         # r̂_t = β·(log π_guide − log π_ref) against the same reference as ρ (docs/algorithms.md §2.3), a constant
         if precomputed_rewards:
@@ -293,9 +298,12 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
             token_rewards = self.beta * (guidance_log_probs.float() - ref_log_probs.float())
         token_logratios = stats.log_probs - ref_log_probs  # ρ_t, differentiable through the policy only
 
-        chosen_mask, rejected_mask = mask.chunk(2, dim=0)  # the batch is [chosen; rejected]
-        chosen_token_logratios, rejected_token_logratios = token_logratios.chunk(2, dim=0)
-        chosen_token_rewards, rejected_token_rewards = token_rewards.chunk(2, dim=0)
+        # Each completion's tokens by completion index, [B, T] per side with its mask (the loss sums over them)
+        token_logratios_by_sequence, mask = token_batch.per_sequence(token_logratios)
+        token_rewards_by_sequence, _ = token_batch.per_sequence(token_rewards.to(token_logratios.device))
+        chosen_mask, rejected_mask = token_batch.split(mask)
+        chosen_token_logratios, rejected_token_logratios = token_batch.split(token_logratios_by_sequence)
+        chosen_token_rewards, rejected_token_rewards = token_batch.split(token_rewards_by_sequence)
         tgdpo = tgdpo_loss(
             chosen_token_logratios,
             rejected_token_logratios,
@@ -310,8 +318,7 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
         loss = self._add_aux_loss(tgdpo.losses.mean(), outputs, mode)
 
         # DPO's metrics keep DPO's meaning: rewards/* are β·Σ_t ρ_t, unweighted (as the official TGDPO code logs them)
-        logratios = sequence_sum(token_logratios, mask)
-        chosen_logratios, rejected_logratios = logratios.chunk(2, dim=0)
-        self._log_dpo_metrics(mode, inputs, outputs, mask, chosen_logratios, rejected_logratios)
+        chosen_logratios, rejected_logratios = token_batch.split(token_batch.sequence_sums(token_logratios))
+        self._log_dpo_metrics(mode, token_batch, outputs, chosen_logratios, rejected_logratios)
         self._log_metrics(mode, tgdpo.metrics)  # token_rewards/*
         return self._maybe_return_outputs(model, inputs, loss, return_outputs)

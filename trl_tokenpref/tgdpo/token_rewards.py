@@ -21,9 +21,12 @@ from datasets import Dataset, List, Value
 from .._compat import DataCollatorForPreference, hash_module, tokenize_preference_dataset
 from ..checks import (
     VALIDATION_BATCH_ROWS,
+    check_chat_template,
     check_columns,
     check_lm_head_not_quantized,
     check_rows,
+    check_same_vocabulary,
+    check_token_ids_fit,
     scored_completion_range,
 )
 from ..files import fingerprint_mismatch
@@ -31,8 +34,8 @@ from ..precompute import (
     REF_TOKEN_LOGPS_COLUMNS,
     DataCollatorForPerTokenColumns,
     add_per_token_columns,
-    with_per_token_collator,
 )
+from ..token_batch import TokenBatch
 from ..token_stats import add_token_stats_head
 
 
@@ -132,16 +135,11 @@ def validate_token_rewards(dataset: Dataset, dataset_name: str, args) -> None:
                     )
 
 
-def with_tgdpo_collator(collator):
-    """DPOTrainer's default collator swapped for [`DataCollatorForTGDPO`] with the same settings; any other collator
-    unchanged (it must pad the per-token columns itself)."""
-    return with_per_token_collator(collator, DataCollatorForTGDPO)
-
-
 def tokenize_for_token_rewards(dataset: Dataset, tokenizer, *, max_length, truncation_mode, dataset_num_proc=None):
     """Check and tokenize a preference dataset exactly as the trainers do, keeping every row (the trainers drop the
     rows that truncation leaves without a completion token; their values are then all `None`)."""
     has_prompt = check_columns(dataset, "input", tokenizer.eos_token)
+    check_chat_template(dataset, "input", tokenizer)
     check_rows(dataset, "input", has_prompt, tokenizer.eos_token)
     tokenize_args = SimpleNamespace(
         dataset_num_proc=dataset_num_proc, max_length=None, truncation_mode=truncation_mode
@@ -173,23 +171,35 @@ def compute_token_rewards(
     """
     from accelerate import Accelerator
 
+    from .guidance import GUIDANCE_VOCABULARY_FIX, GUIDANCE_VOCABULARY_REASON
+
     accelerator = accelerator or Accelerator()
+    check_same_vocabulary(
+        ref_model,
+        guidance_model,
+        "guidance model",
+        GUIDANCE_VOCABULARY_REASON,
+        GUIDANCE_VOCABULARY_FIX,
+        model_name="reference",
+    )
     tokenized = tokenize_for_token_rewards(dataset, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    check_token_ids_fit(ref_model, tokenizer, {name: tokenized}, pad_token_id=pad_token_id)
     models = {}
     for role, model in (("reference", ref_model), ("guidance", guidance_model)):
         check_lm_head_not_quantized(model)
         model.eval().requires_grad_(False)
         add_token_stats_head(model)
         models[role] = accelerator.prepare_model(model, evaluation_mode=True)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = DataCollatorForPreference(
         pad_token_id=pad_token_id, max_length=max_length, truncation_mode=truncation_mode
     )
 
     def label_log_probs(model, batch):
-        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return model(**kwargs, labels=labels, token_stats=True, chunk_size=token_chunk_size).stats.log_probs.float()
+        token_batch = TokenBatch.from_inputs(batch)
+        outputs = model(**kwargs, token_stats=True, token_batch=token_batch, chunk_size=token_chunk_size)
+        return outputs.stats.log_probs.float()
 
     def score_batch(_, batch):
         rewards = beta * (label_log_probs(models["guidance"], batch) - label_log_probs(models["reference"], batch))

@@ -1,44 +1,26 @@
-"""Per-token statistics of a policy (and its reference) from hidden states and the LM head, in chunks.
+"""The fused chunked kernel: per-token statistics of a policy LM head (and a reference's) from hidden states, one tile
+of `[tokens, vocabulary]` logits at a time, in forward and backward.
 
-Every token-level method needs, per completion token t with label y_t:
-
-* the policy log-probability `log πθ(y_t|s_t)` (and, for DPO's metrics, the entropy, the mean logit and whether the
-  label is the argmax),
-* the reference log-probability `log π_ref(y_t|s_t)`,
-* for TDPO and TBPO-A, the exact forward KL over the whole vocabulary,
-  `κ_t = KL(π_ref(·|s_t) ‖ πθ(·|s_t)) = Σ_v p_ref(v) [log p_ref(v) − log pθ(v)]` (TDPO paper Def. 4.3).
-
-A naive implementation materialises `[tokens, vocab]` logits for both models (the official TDPO code does, in fp32).
-`_FusedTokenStats` instead projects one tile (a chunk of tokens x a slice of the vocabulary; on GPU the whole
-vocabulary) at a time through both LM heads, folds it into per-token running statistics (online softmax), and keeps
-nothing of size `vocab` between tiles: every statistic comes from that one projection of each tile. Only the two
-logsumexps are saved; the backward projects each tile again and applies the closed-form gradient
+`_FusedTokenStats` projects one tile (a chunk of tokens x a slice of the vocabulary; on GPU the whole vocabulary) at a
+time through both LM heads, folds it into per-token running statistics (online softmax), and keeps nothing of size
+`vocab` between tiles: every statistic comes from that one projection of each tile. Only the two logsumexps are saved;
+the backward projects each tile again and applies the closed-form gradient
 
     ∂ log pθ(y)/∂z = onehot(y) − pθ        ∂ κ/∂z = pθ − p_ref          (z: the policy logits)
 
-so the `[tokens, vocab]` logits never exist in forward or backward. Only the tokens that carry a label (the completion
-tokens) are projected: prompt and padding positions cost nothing.
+so the `[tokens, vocab]` logits never exist in forward or backward. Its inputs are the labelled tokens only, flat
+(`[N, H]`): prompt and padding positions cost nothing.
 
-Log-probabilities are logits minus their logsumexp, never `softmax().log()`: the official TDPO code returns NaN when
-a reference probability underflows to 0 (`0 * log 0`); here such a term is `0 * finite = 0`.
-
-Cost (docs/benchmarks.md): the LM-head work of a TDPO step (2 projections forward, 2 recomputed and 2 gradient GEMMs
-backward) measured within a few percent of DPOTrainer's (1 + 1 forward, 1 + 2 backward, but about three times as many
-elementwise passes per tile in TRL's CPU fallback), and every tile buffer is reused across tiles.
+The heads are read through `lm_head.gathered_lm_head` only: the caller gathers them for the forward (and reads the
+vocabulary size there), and the backward gathers them again (ZeRO-3 frees a gathered parameter when its context ends).
 """
 
-import functools
 import math
-import types
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Partial
-from transformers.utils import ModelOutput
 
-from ._compat import maybe_gather_lm_head_ctx
+from .lm_head import LMHead, gathered_lm_head
 
 
 # Tile sizes. On CPU a tile is `[tokens, CPU_VOCAB_TILE]` with `CPU_TILE_ELEMENTS` elements (512 x 4096): the tile
@@ -59,74 +41,10 @@ def _vocab_tile_size(vocab_size: int, device: torch.device | str) -> int:
     return max(1, vocab_size)
 
 
-def _gather_averaging_gradient(param: DTensor) -> torch.Tensor:
-    """The full tensor of a sharded parameter; its gradient is averaged across the mesh on the way back (each rank's
-    gradient counts as one data-parallel share, `Partial("avg")`), instead of each rank keeping its own for its shard."""
-    return param.full_tensor(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
-
-
 def default_token_chunk_size(vocab_size: int, device: torch.device | str) -> int:
     """Number of tokens projected at once, so that one `[chunk, vocab tile]` tile holds a fixed number of elements."""
     budget = CPU_TILE_ELEMENTS if torch.device(device).type == "cpu" else GPU_TILE_ELEMENTS
     return max(1, budget // _vocab_tile_size(vocab_size, device))
-
-
-class TokenStats(NamedTuple):
-    """Per-token statistics, each of shape `[rows, seq_len - 1]` (aligned with the shifted labels) and zero where the
-    label is `-100`. Fields that were not requested are `None`."""
-
-    log_probs: torch.Tensor  # log πθ(y_t|s_t), differentiable
-    entropy: torch.Tensor  # H(πθ(·|s_t)), no gradient
-    mean_logits: torch.Tensor  # mean over the vocabulary of the policy logits, no gradient
-    is_top1: torch.Tensor  # bool: y_t is the policy's argmax
-    ref_log_probs: torch.Tensor | None = None  # log π_ref(y_t|s_t), no gradient
-    forward_kl: torch.Tensor | None = None  # κ_t = KL(π_ref ‖ πθ), differentiable w.r.t. the policy only
-
-
-class ReferenceCache(NamedTuple):
-    """The reference's next-token distribution at each labelled position, as `precompute_ref_log_probs=True` stores it
-    (docs/algorithms.md §9): its k most likely tokens K and their log-probabilities, and the log of the mass m of every
-    other token, merged into one bucket. Shapes `(rows, seq)` or `(rows, seq, k)`, aligned with the shifted labels
-    (values outside the labelled positions are ignored).
-
-    The per-token KL computed from it is `KL_K = Σ_{v∈K} p(v)[log p(v) − log q(v)] + m[log m − log Q]`, with
-    `Q = Σ_{v∉K} q(v)` the policy's mass outside K: a lower bound of the exact KL (log-sum inequality), equal to it when
-    πθ = π_ref or when K is the whole vocabulary.
-    """
-
-    label_log_probs: torch.Tensor  # log π_ref(y_t|s_t), exact
-    topk_ids: torch.Tensor  # (rows, seq, k) int: K, the reference's k most likely tokens
-    topk_log_probs: torch.Tensor  # (rows, seq, k) float: log π_ref(v|s_t) for v in K
-    tail_log_mass: torch.Tensor  # (rows, seq) float: log m = log Σ_{v∉K} π_ref(v|s_t); -inf when K is everything
-
-
-class LMHead(NamedTuple):
-    """What projects hidden states to logits: `logits = logit_scale * (hidden @ weight.T + bias)`, then
-    `softcap * tanh(logits / softcap)` when `final_logit_softcapping` is set (Gemma 2)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    logit_scale: float = 1.0
-    softcap: float | None = None
-
-
-def lm_head_of(model: torch.nn.Module) -> LMHead:
-    """The [`LMHead`] of a causal LM, with the logit scaling its config declares."""
-    text_config = model.config.get_text_config()
-    for unsupported in ("logits_scaling", "lm_head_multiplier", "output_multiplier"):
-        if getattr(text_config, unsupported, None) not in (None, 1, 1.0):
-            raise NotImplementedError(
-                f"{type(model).__name__} scales its logits with `{unsupported}`, which the token-level trainers do "
-                "not support yet. Please open an issue with the model name."
-            )
-    output_embeddings = model.get_output_embeddings()
-    logit_scale = getattr(text_config, "logit_scale", None)
-    return LMHead(
-        weight=output_embeddings.weight,
-        bias=output_embeddings.bias,
-        logit_scale=1.0 if logit_scale is None else float(logit_scale),
-        softcap=getattr(text_config, "final_logit_softcapping", None),
-    )
 
 
 def _logits(hidden: torch.Tensor, head: LMHead) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -240,7 +158,7 @@ def _forward_chunk(hidden, labels, ref_hidden, policy_head, ref_head, vocab_tile
     it keeps the policy logits at the cached tokens K and a logsumexp over the logits *outside* K (masked in each tile,
     never `log(1 − Σ_K …)`, which cancels), for the cached KL.
     """
-    vocab_size = policy_head.weight.size(0)
+    vocab_size = policy_head.vocab_size
     has_ref = ref_hidden is not None
     policy = ref = None  # running (max, sum of exponentials, weighted sum)
     label_logit = ref_label_logit = None
@@ -367,7 +285,7 @@ def _backward_chunk(
     gradient is `P·q(u) − p(u)` for u ∈ K and `P·q(u) − m·q(u)/Q` outside K (P = Σ_K p + m, 1 up to rounding), with
     `q(u)/Q = exp(z_u − out_lse) ≤ 1` computed outside K only: no ratio m/Q that could overflow."""
     grad_hidden, grad_weight, grad_bias = grads
-    vocab_size, compute_dtype = policy_head.weight.size(0), hidden.dtype
+    vocab_size, compute_dtype = policy_head.vocab_size, hidden.dtype
     use_cache = cache is not None and grad_kl is not None
     # ∂/∂z of g_lp·log pθ(y) + g_kl·κ  =  g_lp·onehot(y) + (g_kl − g_lp)·pθ − g_kl·p_ref
     policy_coef = torch.zeros_like(lse) if grad_lp is None else -grad_lp
@@ -533,7 +451,8 @@ class _FusedTokenStats(torch.autograd.Function):
             hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, lse, ref_lse, cache_ids, cache_log_probs,
             cache_tail, out_lse,
         )  # fmt: skip
-        ctx.heads = heads
+        # Only the heads' scalars: their tensors are saved above (a gathered ZeRO-3 parameter is gathered again)
+        ctx.heads = tuple(None if head is None else head._replace(weight=None, bias=None) for head in heads)
         ctx.chunk_size, ctx.vocab_tile, ctx.dtype = chunk_size, vocab_tile, dtype
         ctx.mark_non_differentiable(entropy, mean_logits, is_top1, ref_log_probs)
         return log_probs, entropy, mean_logits, is_top1, ref_log_probs, forward_kl
@@ -550,24 +469,30 @@ class _FusedTokenStats(torch.autograd.Function):
         use_kl = ref_hidden is not None and grad_kl is not None
         if grad_log_probs is None and not use_kl and not use_cache:
             return (None,) * 13
-        num_tokens, vocab_size = hidden.size(0), weight.size(0)
-        buffers = _TileBuffers(min(chunk_size, num_tokens) * min(vocab_tile, vocab_size), hidden.device)
-
-        policy_head = policy_head._replace(weight=weight.to(dtype), bias=None if bias is None else bias.to(dtype))
-        if use_kl:
-            ref_head = ref_head._replace(
-                weight=ref_weight.to(dtype), bias=None if ref_bias is None else ref_bias.to(dtype)
-            )
+        num_tokens = hidden.size(0)
         f32 = {"dtype": torch.float32, "device": hidden.device}
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        # Accumulated in float32 across chunks and tiles, whatever the parameter dtype
-        grad_weight = torch.zeros(weight.shape, **f32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(vocab_size, **f32) if (bias is not None and ctx.needs_input_grad[2]) else None
 
+        # The heads again, gathered (ZeRO-3 freed them when the forward's gather ended); their shapes are read inside
         with (
+            gathered_lm_head(policy_head._replace(weight=weight, bias=bias), trainable=True) as policy_head,
+            gathered_lm_head(
+                ref_head._replace(weight=ref_weight, bias=ref_bias) if use_kl else None, trainable=False
+            ) as ref_head,
             torch.autocast(hidden.device.type, enabled=False),
-            maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias),
         ):
+            weight, bias = policy_head.weight, policy_head.bias
+            vocab_size = policy_head.vocab_size
+            buffers = _TileBuffers(min(chunk_size, num_tokens) * min(vocab_tile, vocab_size), hidden.device)
+            # Accumulated in float32 across chunks and tiles, whatever the parameter dtype
+            grad_weight = torch.zeros(weight.shape, **f32) if ctx.needs_input_grad[1] else None
+            grad_bias = torch.zeros(vocab_size, **f32) if (bias is not None and ctx.needs_input_grad[2]) else None
+            policy_head = policy_head._replace(weight=weight.to(dtype), bias=None if bias is None else bias.to(dtype))
+            if use_kl:
+                ref_head = ref_head._replace(
+                    weight=ref_head.weight.detach().to(dtype),
+                    bias=None if ref_head.bias is None else ref_head.bias.detach().to(dtype),
+                )
             for start in range(0, num_tokens, chunk_size):
                 rows = slice(start, start + chunk_size)
                 chunk_grad_hidden = (
@@ -603,323 +528,3 @@ class _FusedTokenStats(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return (grad_hidden, grad_weight, grad_bias) + (None,) * 10
-
-
-def compute_token_stats(
-    hidden_states: torch.Tensor,
-    lm_head: LMHead,
-    labels: torch.Tensor,
-    ref_hidden_states: torch.Tensor | None = None,
-    ref_lm_head: LMHead | None = None,
-    chunk_size: int | None = None,
-    ref_cache: ReferenceCache | None = None,
-) -> TokenStats:
-    """Per-token statistics of the labelled positions, without materialising `[tokens, vocab]` logits.
-
-    Args:
-        hidden_states (`torch.Tensor` of shape `(rows, seq, hidden)`):
-            Final hidden states of the policy, already aligned with `labels` (position t predicts `labels[:, t]`).
-        lm_head ([`LMHead`]):
-            The policy's output projection.
-        labels (`torch.Tensor` of shape `(rows, seq)`):
-            Next-token labels, `-100` where no statistic is wanted (prompt, padding).
-        ref_hidden_states (`torch.Tensor` of shape `(rows, seq, hidden_ref)`, *optional*):
-            Final hidden states of the reference model. When given, `ref_log_probs` and `forward_kl` are computed.
-        ref_lm_head ([`LMHead`], *optional*):
-            The reference's output projection. Defaults to `lm_head` (PEFT: the reference is the same model with its
-            adapter disabled, and the LM head carries no adapter).
-        chunk_size (`int`, *optional*):
-            Tokens projected at once. Defaults to [`default_token_chunk_size`].
-        ref_cache ([`ReferenceCache`], *optional*):
-            The reference's stored top-k distribution, instead of `ref_hidden_states`: `ref_log_probs` are its exact
-            label log-probs, `forward_kl` the cached KL `KL_K` (docs/algorithms.md §9). No reference projection runs.
-
-    Returns:
-        [`TokenStats`], every field of shape `(rows, seq)` and zero where `labels == -100`.
-    """
-    mask = labels != -100
-    if ref_cache is not None and ref_hidden_states is not None:
-        raise ValueError("Give the reference as `ref_hidden_states` (live) or as `ref_cache` (precomputed), not both.")
-    if ref_hidden_states is not None and ref_lm_head is None:
-        # The same parameters, not a detached copy (a detached ZeRO-3 shard would be empty): the autograd function
-        # never returns a gradient for its reference inputs.
-        ref_lm_head = lm_head
-    weight = lm_head.weight
-    # FSDP2 shards parameters as DTensors, while the backbone returns plain tensors: gather the head once. It is still
-    # sharded here only when FSDP did not gather it, i.e. when the head is an FSDP unit of its own (accelerate's layout
-    # puts it with the final norm, whose forward runs and gathers both): the pass reads the weight without calling the
-    # head's forward, so FSDP never reduces its gradient either. `Partial("avg")` makes the gather's backward average
-    # each rank's gradient across the mesh, as FSDP's reduce-scatter does for every other parameter.
-    if isinstance(weight, DTensor):
-        lm_head = lm_head._replace(
-            weight=_gather_averaging_gradient(weight),
-            bias=None if lm_head.bias is None else _gather_averaging_gradient(lm_head.bias),
-        )
-    if ref_lm_head is not None and isinstance(ref_lm_head.weight, DTensor):
-        # Detached: the reference is a constant, and DPOTrainer leaves its parameters with `requires_grad=True`, so a
-        # gathered copy with a gradient edge would hand DTensor's backward a plain zero gradient (a crash in the
-        # first backward under FSDP2)
-        ref_lm_head = ref_lm_head._replace(
-            weight=ref_lm_head.weight.detach().full_tensor(),
-            bias=None if ref_lm_head.bias is None else ref_lm_head.bias.detach().full_tensor(),
-        )
-    if chunk_size is None:
-        chunk_size = default_token_chunk_size(lm_head.weight.size(0), hidden_states.device)
-    vocab_tile = _vocab_tile_size(lm_head.weight.size(0), hidden_states.device)
-
-    ref_params = (None, None) if ref_lm_head is None else (ref_lm_head.weight, ref_lm_head.bias)
-    cache = (None,) * 3
-    if ref_cache is not None:
-        device = hidden_states.device
-        cache = (
-            ref_cache.topk_ids.to(device)[mask].long(),
-            ref_cache.topk_log_probs.to(device)[mask],
-            ref_cache.tail_log_mass.to(device)[mask],
-        )
-    with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias, *ref_params):
-        log_probs, entropy, mean_logits, is_top1, ref_log_probs, forward_kl = _FusedTokenStats.apply(
-            hidden_states[mask],
-            lm_head.weight,
-            lm_head.bias,
-            labels[mask],
-            None if ref_hidden_states is None else ref_hidden_states[mask].detach(),
-            ref_params[0],
-            ref_params[1],
-            *cache,
-            (lm_head, ref_lm_head),
-            chunk_size,
-            vocab_tile,
-        )
-
-    def scatter(values: torch.Tensor) -> torch.Tensor:
-        # `masked_scatter` keeps an all-masked micro-batch connected to the graph (a differentiable zero)
-        return values.new_zeros(mask.shape).masked_scatter(mask, values)
-
-    has_ref = ref_hidden_states is not None
-    if ref_cache is not None:
-        ref_log_probs = ref_cache.label_log_probs.to(hidden_states.device)[mask].float()
-    has_kl = has_ref or ref_cache is not None
-    return TokenStats(
-        log_probs=scatter(log_probs),
-        entropy=scatter(entropy),
-        mean_logits=scatter(mean_logits),
-        is_top1=scatter(is_top1),
-        ref_log_probs=scatter(ref_log_probs) if has_kl else None,
-        forward_kl=scatter(forward_kl) if has_kl else None,
-    )
-
-
-def reference_top_k(
-    hidden_states: torch.Tensor, lm_head: LMHead, labels: torch.Tensor, k: int, chunk_size: int | None = None
-) -> ReferenceCache:
-    """The reference cache of the labelled positions: the reference's label log-prob, its `k` most likely tokens and
-    their log-probs, and the log of the mass outside them (a logsumexp over the logits outside the top k, never
-    `log(1 − Σ top-k)`). Without gradient; float32. `k` larger than the vocabulary keeps the whole vocabulary (the
-    bucket is then empty: `tail_log_mass = -inf`).
-
-    The logits of `chunk_size` tokens over the whole vocabulary exist at once (it runs once, before training).
-    """
-    mask = labels != -100
-    vocab_size = lm_head.weight.size(0)
-    k = min(k, vocab_size)
-    if chunk_size is None:
-        chunk_size = max(
-            1, (4 * GPU_TILE_ELEMENTS if hidden_states.device.type != "cpu" else 2 * CPU_TILE_ELEMENTS) // vocab_size
-        )
-    hidden, token_labels = hidden_states[mask], labels[mask]
-    num_tokens, device = hidden.size(0), hidden_states.device
-    label_log_probs = torch.empty(num_tokens, dtype=torch.float32, device=device)
-    topk_ids = torch.empty(num_tokens, k, dtype=torch.long, device=device)
-    topk_log_probs = torch.empty(num_tokens, k, dtype=torch.float32, device=device)
-    tail_log_mass = torch.empty(num_tokens, dtype=torch.float32, device=device)
-    head = lm_head._replace(
-        weight=lm_head.weight.detach(), bias=None if lm_head.bias is None else lm_head.bias.detach()
-    )
-    with torch.no_grad(), maybe_gather_lm_head_ctx(head.weight, head.bias):
-        for start in range(0, num_tokens, chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits, _ = _logits(hidden[rows].to(_compute_dtype(head.weight)), head)
-            log_probs = logits.log_softmax(dim=-1)
-            label_log_probs[rows] = log_probs.gather(1, token_labels[rows].unsqueeze(1)).squeeze(1)
-            top = log_probs.topk(k, dim=-1)
-            topk_ids[rows], topk_log_probs[rows] = top.indices, top.values
-            tail_log_mass[rows] = log_probs.scatter_(1, top.indices, -math.inf).logsumexp(dim=-1)
-
-    def scatter(values: torch.Tensor) -> torch.Tensor:
-        shape = mask.shape + values.shape[1:]
-        out = values.new_zeros(shape)
-        out[mask] = values
-        return out
-
-    return ReferenceCache(scatter(label_log_probs), scatter(topk_ids), scatter(topk_log_probs), scatter(tail_log_mass))
-
-
-class FullVocabularyStats(NamedTuple):
-    """Per-position statistics from full `[..., vocab]` log-probabilities (naive, for tests, benchmarks, evaluation)."""
-
-    entropy: torch.Tensor  # H(πθ)
-    forward_kl: torch.Tensor  # KL(π_ref ‖ πθ), TDPO's κ
-    reverse_kl: torch.Tensor  # KL(πθ ‖ π_ref), the RLHF KL
-
-
-def full_vocabulary_stats(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> FullVocabularyStats:
-    """Entropy and both KLs over the last dimension from full log-probabilities (`log_softmax`, so an underflowed
-    probability contributes an exact 0, never `0 · log 0 = nan`)."""
-    probs, ref_probs = log_probs.exp(), ref_log_probs.exp()
-    return FullVocabularyStats(
-        entropy=-(probs * log_probs).sum(-1),
-        forward_kl=(ref_probs * (ref_log_probs - log_probs)).sum(-1),
-        reverse_kl=(probs * (log_probs - ref_log_probs)).sum(-1),
-    )
-
-
-def naive_token_stats(
-    hidden_states: torch.Tensor,
-    lm_head: LMHead,
-    labels: torch.Tensor,
-    ref_hidden_states: torch.Tensor | None = None,
-    ref_lm_head: LMHead | None = None,
-) -> TokenStats:
-    """The same statistics from full `[rows, seq, vocab]` float32 logits, as the official TDPO code computes them
-    (but with `log_softmax`). Used as the reference in tests and as the naive baseline in benchmarks."""
-    mask = labels != -100
-    safe_labels = labels.clamp(min=0).unsqueeze(-1)
-
-    def full_log_probs(hidden, head):
-        logits, _ = _logits(hidden, head)
-        return logits.log_softmax(dim=-1), logits
-
-    log_probs, logits = full_log_probs(hidden_states, lm_head)
-    zero = torch.zeros((), device=hidden_states.device)
-    stats = {
-        "log_probs": torch.where(mask, log_probs.gather(-1, safe_labels).squeeze(-1), zero),
-        "entropy": torch.where(mask, full_vocabulary_stats(log_probs, log_probs).entropy, zero).detach(),
-        "mean_logits": torch.where(mask, logits.mean(-1), zero).detach(),
-        "is_top1": (logits.argmax(-1) == labels) & mask,
-    }
-    if ref_hidden_states is not None:
-        ref_lm_head = ref_lm_head or lm_head._replace(weight=lm_head.weight.detach())
-        with torch.no_grad():
-            ref_log_probs, _ = full_log_probs(ref_hidden_states, ref_lm_head)
-        stats["ref_log_probs"] = torch.where(mask, ref_log_probs.gather(-1, safe_labels).squeeze(-1), zero)
-        stats["forward_kl"] = torch.where(mask, full_vocabulary_stats(log_probs, ref_log_probs).forward_kl, zero)
-    return TokenStats(**stats)
-
-
-@dataclass
-class TokenStatsOutput(ModelOutput):
-    """Output of a model patched with [`add_token_stats_head`] and called with `token_stats=True`.
-
-    Args:
-        stats ([`TokenStats`], *optional*):
-            Per-token statistics for the labels (absent when `return_hidden_states_only=True`).
-        hidden_states (`torch.Tensor` of shape `(rows, seq - 1, hidden)`, *optional*):
-            The final hidden states aligned with the shifted labels, when requested.
-        aux_loss (`torch.Tensor`, *optional*):
-            MoE load-balancing loss, when router logits were requested.
-    """
-
-    stats: TokenStats | None = None
-    hidden_states: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-
-
-def add_token_stats_head(model: torch.nn.Module, backbone_attr: str = "base_model") -> None:
-    """Patch `model.forward` so that `model(..., labels=labels, token_stats=True)` returns a [`TokenStatsOutput`].
-
-    The statistics are computed *inside* the model's forward, so every wrapper around the model keeps working: DDP
-    registers the LM head's gradient, DeepSpeed ZeRO-3 and FSDP gather what they shard. Without `token_stats=True` the
-    forward is the previous one (so `generate` and TRL's own fused head are unchanged). Apply it before wrapping the
-    model with PEFT, as TRL does for its fused head.
-
-    Extra keyword arguments of the patched forward:
-        token_stats (`bool`): compute the statistics instead of the usual forward.
-        labels (`torch.Tensor` of shape `(rows, seq)`): unshifted labels, `-100` on positions without a statistic.
-        ref_hidden_states (`torch.Tensor` of shape `(rows, seq - 1, hidden_ref)`): the reference's final hidden states,
-            for `ref_log_probs` and `forward_kl`.
-        ref_lm_head ([`LMHead`]): the reference's output projection (defaults to this model's, detached).
-        ref_cache ([`ReferenceCache`]): the reference's stored top-k distribution, instead of `ref_hidden_states`.
-        return_hidden_states (`bool`): also return this model's final hidden states (detached).
-        return_hidden_states_only (`bool`): run only the backbone and return its final hidden states (for a
-            reference or guidance model whose statistics are computed together with the policy's).
-        chunk_size (`int`): tokens per projected tile.
-    """
-    if getattr(model.forward, "computes_token_stats", False):
-        return  # already patched (the precompute patches before DPOTrainer's init ends, the init after)
-    original_forward = model.forward
-    text_config = model.config.get_text_config()
-
-    @functools.wraps(type(model).forward)
-    def _token_stats_forward(
-        self,
-        *args,
-        token_stats=False,
-        labels=None,
-        ref_hidden_states=None,
-        ref_lm_head=None,
-        ref_cache=None,
-        return_hidden_states=False,
-        return_hidden_states_only=False,
-        chunk_size=None,
-        **kwargs,
-    ):
-        if not token_stats:
-            if labels is not None:
-                kwargs["labels"] = labels
-            return original_forward(*args, **kwargs)
-
-        kwargs["use_cache"] = False
-        if getattr(text_config, "output_router_logits", False):
-            kwargs.setdefault("output_router_logits", True)
-        # Looked up on each call: PEFT and FSDP replace modules after the patch
-        backbone_outputs = getattr(self, backbone_attr)(*args, **kwargs)
-        hidden_states = backbone_outputs.last_hidden_state[:, :-1]
-        aux_loss = None
-        if kwargs.get("output_router_logits"):
-            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-            aux_loss = load_balancing_loss_func(
-                backbone_outputs.router_logits,
-                text_config.num_experts,
-                text_config.num_experts_per_tok,
-                kwargs.get("attention_mask"),
-            )
-        if return_hidden_states_only:
-            return TokenStatsOutput(hidden_states=hidden_states, aux_loss=aux_loss)
-
-        head = lm_head_of(self)
-        shifted_labels = labels[:, 1:].to(head.weight.device)
-        hidden_states = hidden_states.to(head.weight.device)
-        stats = compute_token_stats(
-            hidden_states,
-            head,
-            shifted_labels,
-            ref_hidden_states=ref_hidden_states,
-            ref_lm_head=ref_lm_head,
-            chunk_size=chunk_size,
-            ref_cache=ref_cache,
-        )
-        return TokenStatsOutput(
-            stats=stats,
-            hidden_states=hidden_states.detach() if return_hidden_states else None,
-            aux_loss=aux_loss,
-        )
-
-    _token_stats_forward.computes_token_stats = True
-    model.forward = types.MethodType(_token_stats_forward, model)
-
-
-__all__ = [
-    "LMHead",
-    "ReferenceCache",
-    "TokenStats",
-    "TokenStatsOutput",
-    "add_token_stats_head",
-    "FullVocabularyStats",
-    "compute_token_stats",
-    "default_token_chunk_size",
-    "lm_head_of",
-    "full_vocabulary_stats",
-    "naive_token_stats",
-    "reference_top_k",
-]
