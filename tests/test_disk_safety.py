@@ -227,7 +227,7 @@ def test_resuming_with_other_data_settings_is_warned(run_copy, tiny_model_path, 
     kept = len(trainer.train_dataset)
     assert kept < len(train_subset)  # the rows whose prompt fills 16 tokens are dropped
     with caplog.at_level(logging.WARNING):
-        trainer.train(resume_from_checkpoint=True)
+        trainer.train(resume_from_checkpoint="last")  # as TRL's dpo.py passes `--resume_from_checkpoint last`
     assert f"which a run with other data settings saved: max_length 1024 → 16, train_rows 32 → {kept}." in caplog.text
     assert "does not continue the saved run exactly" in caplog.text
 
