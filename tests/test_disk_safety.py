@@ -568,11 +568,13 @@ def test_a_stopped_run_leaves_the_previous_files_whole(
     orphan = temporary_path(folder / "train.jsonl")
     orphan = orphan.with_name(orphan.name.replace(f"-{os.getpid()}-", f"-{int(dead.stdout)}-"))
     orphan.write_text('{"prompt": "half a row')
+    staged = orphan.with_name(orphan.name.replace(".train.jsonl.", ".dataset."))  # a `save_to_disk` folder
+    (staged / "train").mkdir(parents=True)
     live = temporary_path(folder / "test.jsonl")  # this process's: still being written, left alone
     live.write_text("")
     capsys.readouterr()
     compute_rewards(token_rewards_script, tiny_model_path, guidance_path, data, folder, 0.5)
-    assert not orphan.exists() and live.exists()
+    assert not orphan.exists() and not staged.exists() and live.exists()
     assert f"Removed {orphan}, left by a run that was stopped while it wrote it." in capsys.readouterr().out
 
 

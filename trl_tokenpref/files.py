@@ -20,6 +20,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 from pathlib import Path
 
@@ -134,19 +135,22 @@ def process_is_running(pid: int) -> bool:
 
 
 def remove_orphan_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Delete the temporary files of [`atomic_write`] in `folder` whose writer is gone: written on this host by a
-    process that no longer runs (e.g. a precompute killed while it wrote its cache file). Files of live processes and
+    """Delete the temporary files (and staged folders, named by [`temporary_path`] too) in `folder` whose writer is
+    gone: written on this host by a process that no longer runs (e.g. a precompute killed while it wrote its cache file). Files of live processes and
     of other hosts are left alone. Returns the deleted paths."""
     host, removed = _host_tag(), []
     with contextlib.suppress(OSError):
         for entry in os.scandir(Path(folder)):
             match = _TEMPORARY.match(entry.name)
-            if match is None or match["host"] != host or not entry.is_file(follow_symlinks=False):
+            if match is None or match["host"] != host or entry.is_symlink():
                 continue
             pid = int(match["pid"])
             if pid == os.getpid() or process_is_running(pid):
                 continue
             with contextlib.suppress(OSError):
-                os.unlink(entry.path)
+                if entry.is_dir():  # a folder staged whole (`compute_token_rewards.py --output_format disk`)
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
                 removed.append(entry.path)
     return removed

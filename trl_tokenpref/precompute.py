@@ -16,6 +16,11 @@ main process wrote. The values are gathered across processes, so each row is com
 no cache directory that every process can read (DPOTrainer's precompute fails there under several processes): each
 process then builds the columns in memory from the gathered values.
 
+Unlike DPOTrainer's, the cache file is written under a temporary name and renamed once complete (a killed precompute
+leaves no cache file, and its temporary file is removed by the next precompute on that host), and it is checked when
+it is read: readable, one row per row, one value per token, values in range ([`reference_cache_problem`]). A file
+that fails is named in a warning, deleted and computed again.
+
 Tokens that `max_length` truncation removes are never scored and hold `None` (they are never read either).
 """
 
