@@ -29,8 +29,14 @@ other column is kept.
 * **The reference** must be the one training regularises toward (the policy's initial weights, as in the official
   code), and the guidance model must share its tokenizer (usually a DPO model trained from that reference).
 
-A summary (β, models, truncation, the number of rows and tokens, statistics of r̂) is written to
-`token_rewards_info.json` next to the data.
+A summary (β, models, truncation, the number of rows and tokens, statistics of r̂, each data file's size and checksum)
+is written to `token_rewards_info.json` next to the data. Every row also holds β (`token_rewards_beta`), so that the
+trainer refuses to train at another β however the data is loaded (`load_from_disk`, `load_dataset("json", ...)`,
+`run_tgdpo.py`).
+
+**Stopping it is safe.** Each file is written under a temporary name and renamed into place once complete, the info
+file last; a run stopped at any point leaves the previous files whole (and its temporary files, removed by the next
+run), and the trainer refuses data that does not match the info file beside it, naming the file.
 
 # Local files or a Hub dataset, all splits, saved with `save_to_disk`
 ```bash
@@ -65,7 +71,6 @@ python scripts/compute_token_rewards.py --guidance_model outputs/tiny-guidance -
 """
 
 import argparse
-import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -74,6 +79,11 @@ from types import SimpleNamespace
 OUTPUT_FORMATS = ("disk", "jsonl", "parquet")
 INFO_FILE = "token_rewards_info.json"
 _ROW = "__compute_token_rewards_row__"
+
+
+def _rounded(value: float | None) -> str:
+    """Four significant digits, as a statistic is worth reading."""
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def _max_length(value: str) -> int | None:
@@ -254,23 +264,71 @@ def compute_token_rewards(args: argparse.Namespace):
 
 
 def write_outputs(dataset, info: dict, output_dir: str, output_format: str) -> dict[str, str]:
-    """Write every split and the info file; returns the written paths by split."""
+    """Write every split and the info file, so that a run stopped at any moment never leaves data and an info file
+    that disagree unnoticed; returns the written paths by split.
+
+    Each file is written under a temporary name (hidden, so `load_dataset(folder)` skips it) and renamed into place
+    once complete (`trl_tokenpref.files`): a stop while writing leaves the previous files whole. The info file, last,
+    records each data file's size and checksum (`data_files`), and the trainer refuses data that does not match its
+    info file, naming the file (a stop between the data and the info). Temporary files of an earlier stopped run are
+    removed first.
+    """
+    import shutil
+
+    from trl_tokenpref.files import (
+        atomic_write,
+        file_fingerprint,
+        remove_orphan_temporaries,
+        replace_atomically,
+        temporary_path,
+        write_json_atomically,
+    )
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for path in remove_orphan_temporaries(output_dir):
+        print(f"Removed {path}, left by a run that was stopped while it wrote it.")
+    data_files = {}
     if output_format == "disk":
-        dataset.save_to_disk(str(output_dir))
+        staging = temporary_path(output_dir / "dataset")
+        try:
+            dataset.save_to_disk(str(staging))
+            for split in dataset:
+                names = sorted(entry.name for entry in (staging / split).iterdir())
+                data_files[split] = {
+                    "rows": len(dataset[split]),
+                    "files": {f"{split}/{name}": file_fingerprint(staging / split / name) for name in names},
+                }
+            # Each split folder replaces the previous one (moved aside first, removed after), then the split list
+            for split in dataset:
+                previous = output_dir / split
+                aside = temporary_path(previous) if previous.exists() else None
+                if aside is not None:
+                    os.replace(previous, aside)
+                os.replace(staging / split, previous)
+                if aside is not None:
+                    shutil.rmtree(aside, ignore_errors=True)
+            replace_atomically(staging / "dataset_dict.json", output_dir / "dataset_dict.json")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         paths = {split: str(output_dir / split) for split in dataset}
     else:
         paths = {}
         for split, split_dataset in dataset.items():
-            path = output_dir / f"{split}.{output_format}"
-            if output_format == "jsonl":
-                split_dataset.to_json(str(path), lines=True, force_ascii=False)
-            else:
-                split_dataset.to_parquet(str(path))
-            paths[split] = str(path)
-    with open(output_dir / INFO_FILE, "w") as f:
-        json.dump({**info, "format": output_format, "files": paths}, f, indent=2, ensure_ascii=False)
+            name = f"{split}.{output_format}"
+            with atomic_write(output_dir / name, "wb") as file:
+                if output_format == "jsonl":
+                    split_dataset.to_json(file, lines=True, force_ascii=False)
+                else:
+                    split_dataset.to_parquet(file)
+            data_files[split] = {"rows": len(split_dataset), "files": {name: file_fingerprint(output_dir / name)}}
+            paths[split] = str(output_dir / name)
+    write_json_atomically(
+        output_dir / INFO_FILE,
+        {**info, "format": output_format, "files": paths, "data_files": data_files},
+        indent=2,
+        ensure_ascii=False,
+    )
     return paths
 
 
@@ -286,8 +344,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         chosen, rejected = split_info["chosen_token_rewards"], split_info["rejected_token_rewards"]
         print(
             f"{split}: {split_info['rows']} rows ({split_info['rows_without_values']} without values), "
-            f"{chosen['tokens']} + {rejected['tokens']} tokens, mean r̂ chosen {chosen['mean']} / rejected "
-            f"{rejected['mean']}, max |r̂| {max(chosen['max_abs'] or 0.0, rejected['max_abs'] or 0.0):.4g} "
+            f"{chosen['tokens']} + {rejected['tokens']} tokens, mean r̂ chosen {_rounded(chosen['mean'])} / rejected "
+            f"{_rounded(rejected['mean'])}, max |r̂| {_rounded(max(chosen['max_abs'] or 0.0, rejected['max_abs'] or 0.0))} "
             f"-> {paths[split]}"
         )
     print(f"Info: {Path(args.output_dir) / INFO_FILE}")

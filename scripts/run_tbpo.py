@@ -67,11 +67,16 @@ python -m trl_tokenpref.tiny outputs/tiny-model && python -m trl_tokenpref.data 
 python scripts/run_tbpo.py --config recipes/tbpo/tiny.yaml
 ```
 
-Resume an interrupted run with `--resume_from_checkpoint last` (the newest complete `checkpoint-*` in `output_dir`,
-skipping, with a warning, one whose save was interrupted; TBPO-Q's head and its optimizer are restored too) or
+Resume an interrupted run with `--resume_from_checkpoint last` (the newest `checkpoint-*` in `output_dir` that is
+complete and what was saved, each file checked against the checkpoint's manifest and the weights finite; a newer
+one is skipped with a warning saying what is wrong with it; TBPO-Q's head and its optimizer are restored too) or
 `--resume_from_checkpoint PATH`. `--dataset_name` also takes a local `.json`/`.jsonl`/`.parquet` file or a directory
 of such files (e.g. `train.jsonl` + `test.jsonl`). Local paths are checked before anything is loaded, and a recipe key
 that no argument has is named in a warning.
+
+A run holds its `output_dir`: a second run into it (a job submitted twice) stops at once, naming the first (host,
+process, start time). A non-finite loss or gradient norm stops the run at its step, naming the last checkpoint,
+before anything non-finite is logged or saved (docs/architecture.md, "What a run leaves on disk").
 """
 
 import argparse

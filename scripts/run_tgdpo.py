@@ -73,11 +73,16 @@ python scripts/run_tdpo.py --config recipes/tdpo/tiny.yaml --alpha 0 --max_steps
 python scripts/run_tgdpo.py --config recipes/tgdpo/tiny.yaml
 ```
 
-Resume an interrupted run with `--resume_from_checkpoint last` (the newest complete `checkpoint-*` in `output_dir`,
-skipping, with a warning, one whose save was interrupted) or `--resume_from_checkpoint PATH`. `--dataset_name` also
+Resume an interrupted run with `--resume_from_checkpoint last` (the newest `checkpoint-*` in `output_dir` that is
+complete and what was saved, each file checked against the checkpoint's manifest and the weights finite; a newer
+one is skipped with a warning saying what is wrong with it) or `--resume_from_checkpoint PATH`. `--dataset_name` also
 takes a local `.json`/`.jsonl`/`.parquet` file, a directory of such files (e.g. `train.jsonl` + `test.jsonl`), or a
 `save_to_disk` directory (what `compute_token_rewards.py` writes). Local paths are checked before anything is loaded,
 and a recipe key that no argument has is named in a warning.
+
+A run holds its `output_dir`: a second run into it (a job submitted twice) stops at once, naming the first (host,
+process, start time). A non-finite loss or gradient norm stops the run at its step, naming the last checkpoint,
+before anything non-finite is logged or saved (docs/architecture.md, "What a run leaves on disk").
 """
 
 import argparse
@@ -100,7 +105,8 @@ def main(script_args, training_args, model_args, dataset_args):
     # does not resume is warned when `output_dir` holds an earlier run's checkpoints
     check_before_loading(script_args, training_args, model_args, dataset_args)
     if script_args.dataset_name and not dataset_args.datasets:
-        # Token rewards from `compute_token_rewards.py` hold r̂ at its β: its info file beside the data says which
+        # Token rewards from `compute_token_rewards.py` hold r̂ at its β: its info file beside the data says which (and
+        # the data must be what it describes); the trainer also reads β from the rows (`token_rewards_beta`)
         check_token_rewards_beta(script_args.dataset_name, training_args.beta, "train")
     set_model_init_kwargs(training_args, model_args)
     dataset = load_preference_dataset(script_args, dataset_args)

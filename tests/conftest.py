@@ -104,6 +104,27 @@ def make_trainer(tiny_model_path, tiny_tokenizer, train_subset):
     return make
 
 
+@pytest.fixture
+def make_case_trainer(tiny_model_path, tiny_tokenizer, train_subset, guidance_path):
+    """`make_case_trainer(case, output_dir, dataset=None, trainer_kwargs=None, **config)`: the trainer of
+    `testing_utils.TRAINER_CASES[case]` with the case's config plus `config`, on `dataset` (default `train_subset`);
+    TGDPO's with the `guidance_path` model unless `trainer_kwargs` names another."""
+    from testing_utils import TRAINER_CASES, build_trainer
+
+    def make(case, output_dir, dataset=None, trainer_kwargs=None, **config):
+        spec = TRAINER_CASES[case]
+        trainer_kwargs = dict(trainer_kwargs or {})
+        if spec.needs_guidance:
+            trainer_kwargs.setdefault("guidance_model", guidance_path)
+        dataset = train_subset if dataset is None else dataset
+        config = {**spec.config, **config}
+        return build_trainer(
+            spec.trainer_class, tiny_model_path, tiny_tokenizer, dataset, output_dir, trainer_kwargs, **config
+        )
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict[str, str]:
     """The tiny assets the recipes point at, built by their own commands (`python -m trl_tokenpref.tiny` / `.data`)

@@ -60,12 +60,26 @@ def folder_listing(folder: Path) -> dict[str, int]:
     return {path.name: path.stat().st_size for path in sorted(folder.iterdir())}
 
 
+def stub_file(path: Path) -> None:
+    """A small file of the kind its name says, readable as such: resuming checks that a checkpoint's weights load and
+    are finite, that its torch archives are intact and that its trainer state has `TrainerState`'s fields."""
+    import torch
+    from safetensors.torch import save_file
+
+    if path.suffix == ".safetensors":
+        save_file({"weight": torch.zeros(2)}, str(path))
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        torch.save({}, path)
+    else:
+        path.write_text("{}" if path.suffix == ".json" else "x")
+
+
 def kill_during_optimizer_save(checkpoint: Path) -> None:
     """What a `kill -9` while `optimizer.pt` is written leaves: the weights, a truncated `optimizer.pt`, and none of
-    what `Trainer._save_checkpoint` writes after it (scheduler, RNG state, trainer state)."""
+    what `Trainer._save_checkpoint` writes after it (scheduler, RNG state, trainer state, and then the manifest)."""
     optimizer = checkpoint / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:1000])
-    for name in ("scheduler.pt", "rng_state.pth", "trainer_state.json"):
+    for name in ("scheduler.pt", "rng_state.pth", "trainer_state.json", "checkpoint_manifest.json"):
         (checkpoint / name).unlink()
 
 
@@ -115,7 +129,7 @@ def test_resume_last_picks_the_newest_complete_checkpoint_and_deletes_nothing(tm
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         for name in names:
-            (folder / name).write_text("{}" if name.endswith(".json") else "x")
+            stub_file(folder / name)
         return folder
 
     full = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
@@ -141,10 +155,10 @@ def test_resume_last_without_a_complete_checkpoint_is_a_clear_error(tmp_path):
     from trl_tokenpref.cli import resolve_resume_from_checkpoint
 
     (tmp_path / "checkpoint-3").mkdir()
-    (tmp_path / "checkpoint-3" / "model.safetensors").write_text("x")
+    stub_file(tmp_path / "checkpoint-3" / "model.safetensors")
     args = SimpleNamespace(resume_from_checkpoint="last", output_dir=str(tmp_path))
     with pytest.raises(
-        ValueError, match=r"none of its checkpoints is complete: .*checkpoint-3 lacks trainer_state.json"
+        ValueError, match=r"none of its checkpoints can be resumed from: .*checkpoint-3: it lacks trainer_state.json"
     ):
         resolve_resume_from_checkpoint(args)
     assert (tmp_path / "checkpoint-3" / "model.safetensors").is_file()
@@ -209,8 +223,8 @@ def test_an_explicit_incomplete_checkpoint(tmp_path, caplog):
 
     killed = tmp_path / "checkpoint-4"
     killed.mkdir()
-    (killed / "model.safetensors").write_text("x")
-    (killed / "optimizer.pt").write_text("x")
+    stub_file(killed / "model.safetensors")
+    stub_file(killed / "optimizer.pt")
     with pytest.raises(
         ValueError, match=r"checkpoint-4 is incomplete: it lacks trainer_state.json.*`--resume_from_checkpoint last`"
     ):
@@ -218,8 +232,8 @@ def test_an_explicit_incomplete_checkpoint(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
         check_checkpoint(str(tmp_path / "nope"))
 
-    (killed / "trainer_state.json").write_text("{}")
-    (killed / "scheduler.pt").write_text("x")
+    stub_file(killed / "trainer_state.json")
+    stub_file(killed / "scheduler.pt")
     with caplog.at_level(logging.WARNING):
         check_checkpoint(str(killed))
     assert "lacks rng_state.pth: training resumes from its weights and trainer state" in caplog.text
@@ -230,7 +244,7 @@ def test_the_scripts_check_an_explicit_checkpoint_before_loading(assets, tmp_pat
 
     killed = tmp_path / "run" / "checkpoint-4"
     killed.mkdir(parents=True)
-    (killed / "model.safetensors").write_text("x")
+    stub_file(killed / "model.safetensors")
     parsed = parse("tdpo", *asset_args("tdpo", assets), "--output_dir", str(tmp_path / "run"),
                    "--resume_from_checkpoint", str(killed))  # fmt: skip
     with pytest.raises(ValueError, match="checkpoint-4 is incomplete: it lacks trainer_state.json"):
@@ -550,8 +564,8 @@ def test_a_fresh_run_into_an_output_dir_with_checkpoints_is_warned(assets, tmp_p
     # Resuming (`last` is replaced by the checkpoint it resolves to), or an empty output_dir: no warning
     caplog.clear()
     for step in (20, 40):
-        (output_dir / f"checkpoint-{step}" / "model.safetensors").write_text("x")
-        (output_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        stub_file(output_dir / f"checkpoint-{step}" / "model.safetensors")
+        stub_file(output_dir / f"checkpoint-{step}" / "trainer_state.json")
     resuming = parse(
         "tdpo", *asset_args("tdpo", assets), "--output_dir", str(output_dir), "--resume_from_checkpoint", "last"
     )

@@ -121,6 +121,59 @@ def test_set_trl_lm_head_tiles():
         _compat.set_trl_lm_head_tiles(*before)
 
 
+def test_trainer_save_and_step_hooks_we_override(tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    """`checkpoints.TrainingGuardMixin` relies on: `_maybe_log_save_evaluate` runs once per optimizer step with that
+    step's gradient norm, before the step is logged and saved (so a non-finite step is stopped before either);
+    `_save_checkpoint` writes `output_dir/checkpoint-<step>` with `trainer_state.json` (so the manifest, written after
+    it returns, lists every file); `training_step` returns the detached loss; a resume calls `_load_rng_state` with
+    the checkpoint's path."""
+    calls = []
+
+    class Spy(DPOTrainer):
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            calls.append(("training_step", loss.detach().clone()))
+            return loss
+
+        def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+            calls.append(("step", self.state.global_step, grad_norm))
+            return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+        def log(self, logs, start_time=None):
+            calls.append(("log", self.state.global_step))
+            return super().log(logs, start_time)
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            folder = tmp_path / f"checkpoint-{self.state.global_step}"
+            calls.append(("saved", self.state.global_step, (folder / "trainer_state.json").is_file()))
+
+        def _load_rng_state(self, checkpoint):
+            calls.append(("rng", checkpoint))
+            return super()._load_rng_state(checkpoint)
+
+    args = DPOConfig(
+        str(tmp_path), report_to="none", use_cpu=True, max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+        save_strategy="steps", save_steps=1, bf16=False,
+    )  # fmt: skip
+    Spy(model=tiny_model_path, args=args, train_dataset=pairs, processing_class=tiny_tokenizer).train()
+    steps = [call for call in calls if call[0] != "training_step"]
+    assert steps[:6] == [
+        ("step", 1, steps[0][2]), ("log", 1), ("saved", 1, True), ("step", 2, steps[3][2]), ("log", 2),
+        ("saved", 2, True),
+    ]  # fmt: skip
+    assert all(isinstance(call[2], (float, torch.Tensor)) and torch.isfinite(torch.as_tensor(call[2])) for call in
+               (steps[0], steps[3]))  # fmt: skip
+    losses = [call[1] for call in calls if call[0] == "training_step"]
+    assert len(losses) == 2 and all(loss.dim() == 0 and not loss.requires_grad for loss in losses)
+
+    calls.clear()
+    args.max_steps = 3
+    resumed = Spy(model=tiny_model_path, args=args, train_dataset=pairs, processing_class=tiny_tokenizer)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert ("rng", str(tmp_path / "checkpoint-2")) in calls
+
+
 def test_set_attn_implementation_and_the_attention_interfaces(tiny_model_path, tmp_path):
     """What padding-free training relies on: a function registered with `AttentionInterface` (and a mask function with
     `AttentionMaskInterface`) under a new name can be switched to on a loaded model, its layers then call it with the

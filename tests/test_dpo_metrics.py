@@ -17,22 +17,15 @@ import torch
 from testing_utils import (
     EQUIVALENCE_RTOL,
     FLOAT64_MODEL,
+    TRAINER_CASES,
     collated_batch,
     last_metrics,
     perturb,
 )
 from trl import DPOTrainer
 
-from trl_tokenpref import TBPOTrainer, TDPOTrainer, TGDPOTrainer
-
 
 BETA = 0.3
-CASES = {
-    "tdpo": (TDPOTrainer, dict(alpha=0.5)),
-    "tgdpo": (TGDPOTrainer, dict(alpha=5.0)),
-    "tbpo_a": (TBPOTrainer, dict(variant="tbpo_a")),
-    "tbpo_q": (TBPOTrainer, dict(variant="tbpo_q")),
-}
 EXACT = {"num_tokens", "mean_token_accuracy", "rewards/accuracies"}
 
 
@@ -61,18 +54,11 @@ def metric_scales(metrics: dict[str, float], max_abs_logit: float) -> dict[str, 
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_dpo_metrics_equal_dpo_trainers(case, mode, guidance_path, dpo_metric_keys, make_trainer, tmp_path):
-    trainer_class, config = CASES[case]
+@pytest.mark.parametrize("case", list(TRAINER_CASES))
+def test_dpo_metrics_equal_dpo_trainers(case, mode, dpo_metric_keys, make_trainer, make_case_trainer, tmp_path):
     common = dict(model_init_kwargs=FLOAT64_MODEL, beta=BETA)
     dpo = make_trainer(DPOTrainer, tmp_path / "dpo", **common)
-    trainer = make_trainer(
-        trainer_class,
-        tmp_path / case,
-        trainer_kwargs={"guidance_model": guidance_path} if trainer_class is TGDPOTrainer else None,
-        **common,
-        **config,
-    )
+    trainer = make_case_trainer(case, tmp_path / case, **common)
     batch = collated_batch(dpo, num_pairs=8)
     for each in (dpo, trainer):
         assert each.model.dtype == torch.float64

@@ -220,9 +220,12 @@ def test_resolve_resume_from_checkpoint(tmp_path):
     assert resolve("some/checkpoint-7") == "some/checkpoint-7"
     with pytest.raises(ValueError, match="holds no `checkpoint-\\*` folder"):
         resolve("last")
-    for step in (5, 12):  # complete checkpoints: a trainer state and weights (an interrupted save lacks them)
+    import torch
+    from safetensors.torch import save_file
+
+    for step in (5, 12):  # complete checkpoints: a trainer state and (readable, finite) weights
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
+        save_file({"weight": torch.zeros(2)}, str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
     assert resolve("last") == str(tmp_path / "checkpoint-12")
     assert resolve(True) == str(tmp_path / "checkpoint-12")  # `resume_from_checkpoint: true` in a YAML recipe

@@ -1,7 +1,8 @@
-"""TGDPOTrainer: equivalence with TRL's DPOTrainer where the maths says so, the loss of a real batch against a naive
-full-logits computation, on-the-fly vs precomputed token rewards (and reference log-probs), the per-token collator,
-validation of precomputed columns, training runs (full, LoRA, from the precompute script's output), metrics and
-configuration errors. Invariant numbers refer to docs/algorithms.md §6; the hand-computed 2-token case (13) and the pure
+"""TGDPOTrainer: the guidance changing the loss, the loss of a real batch against a naive full-logits computation,
+on-the-fly vs precomputed token rewards (and reference log-probs), the per-token collator, validation of precomputed
+columns, training from the precompute script's output (LoRA), its own metric and configuration errors. What every
+token-level trainer does (DPO equivalence at α = 0 or with the reference as guidance, trailing padding, logged
+metrics, training runs, save/reload, shared configuration errors) is in `tests/test_trainer_contract.py`. Invariant numbers refer to docs/algorithms.md §6; the hand-computed 2-token case (13) and the pure
 monotonicity check (14) are in `tests/test_losses.py`."""
 
 import functools
@@ -17,6 +18,7 @@ from peft import LoraConfig
 from testing_utils import (
     EQUIVALENCE_RTOL,
     FLOAT64_MODEL,
+    TRAINER_CASES,
     assert_relatively_close,
     assert_same_loss_and_grads,
     changed_parameters,
@@ -31,7 +33,6 @@ from testing_utils import (
     snapshot,
 )
 from transformers import AutoModelForCausalLM
-from trl import DPOConfig, DPOTrainer
 
 from trl_tokenpref import TGDPOConfig, TGDPOTrainer
 from trl_tokenpref.tgdpo import DataCollatorForTGDPO
@@ -40,8 +41,8 @@ from trl_tokenpref.token_batch import TokenBatch
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ALPHA = 5.0  # large enough that a misplaced or mis-scaled token reward changes the loss visibly
-NEW_METRICS = {"token_rewards/chosen", "token_rewards/rejected", "token_rewards/negative_weights"}
+ALPHA = TRAINER_CASES["tgdpo"].config["alpha"]  # 5: large enough that a misplaced token reward shows (see there)
+NEW_METRICS = TRAINER_CASES["tgdpo"].own_metrics
 tgdpo_args = functools.partial(fast_args, config_class=TGDPOConfig)
 
 
@@ -94,32 +95,11 @@ def tgdpo(model_path, tokenizer, dataset, tmp_path, ref_path=None, guidance=None
 
 
 class TestEquivalenceWithDPO:
-    @pytest.mark.parametrize("case", ["alpha_zero", "guidance_is_reference"])
-    def test_loss_and_gradient_equal_trl_dpo(
-        self, case, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
-    ):
-        """Invariant 11: α = 0 (with a real guidance model), or a guidance model equal to the reference (r̂ ≡ 0, any
-        α), gives DPO's loss and gradient, away from initialisation (float64: `testing_utils.EQUIVALENCE_RTOL`)."""
-        dpo = DPOTrainer(
-            model=policy_path,
-            ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float64),
-            args=fast_args(tmp_path / "dpo", DPOConfig, model_init_kwargs=FLOAT64_MODEL),
-            train_dataset=train_subset,
-            processing_class=tiny_tokenizer,
-        )
-        guidance, alpha = (guidance_path, 0.0) if case == "alpha_zero" else (tiny_model_path, ALPHA)
-        trainer = tgdpo(
-            policy_path, tiny_tokenizer, train_subset, tmp_path, tiny_model_path, guidance=guidance, alpha=alpha
-        )
-        batch = collated_batch(dpo)
-        expected = loss_and_grads(dpo, batch)
-        assert abs(expected[0] - math.log(2)) > 5e-3  # ρ ≠ 0: not the log 2 of initialisation
-        assert_same_loss_and_grads(loss_and_grads(trainer, batch), expected)
-
     def test_guidance_changes_the_loss(
         self, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
     ):
-        """The control of the test above: with α > 0 and a guidance model unlike the reference, the loss is not DPO's."""
+        """The control of `test_trainer_contract.py::test_loss_and_gradient_equal_trl_dpo` (α = 0, or the reference as
+        guidance, is DPO): with α > 0 and a guidance model unlike the reference, the loss is not DPO's."""
         common = dict(ref_path=tiny_model_path, guidance=guidance_path)
         losses = [
             loss_and_grads(trainer, collated_batch(trainer))[0]
@@ -193,10 +173,10 @@ class TestLoss:
                 assert trainer.compute_loss(trainer.model, bumped) < base
 
     def test_negative_weight_metric_and_clamp(
-        self, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, train_subset, dpo_metric_keys, tmp_path
+        self, policy_path, guidance_path, tiny_model_path, tiny_tokenizer, train_subset, tmp_path
     ):
         """`token_rewards/negative_weights` counts weights 1 ± α r̂ < 0 (sign flips, docs/algorithms.md §2.5 a);
-        `min_token_weight=0` removes them and changes the loss."""
+        `min_token_weight=0` removes them and changes the loss. Which metrics TGDPO logs: test_trainer_contract.py."""
         results = {}
         for name, config in {"free": {}, "clamped": {"min_token_weight": 0.0, "max_token_weight": 3.0}}.items():
             trainer = tgdpo(
@@ -216,11 +196,6 @@ class TestLoss:
         assert results["free"][1]["token_rewards/negative_weights"] > 0.05
         assert results["clamped"][1]["token_rewards/negative_weights"] == 0.0
         assert not torch.allclose(results["free"][0], results["clamped"][0])
-        metrics = results["free"][1]
-        assert NEW_METRICS | dpo_metric_keys["train"] <= metrics.keys()  # their values: test_dpo_metrics.py
-        assert metrics["rewards/margins"] == pytest.approx(
-            metrics["rewards/chosen"] - metrics["rewards/rejected"], abs=1e-6
-        )
 
 
 class TestPrecomputed:
@@ -422,29 +397,6 @@ class TestCollator:
 
 
 class TestTraining:
-    def test_full_fine_tuning_with_guidance_model(
-        self, tiny_model_path, guidance_path, tiny_tokenizer, default_dataset, tmp_path
-    ):
-        trainer = TGDPOTrainer(
-            model=tiny_model_path,
-            guidance_model=guidance_path,
-            args=tgdpo_args(tmp_path / "run", alpha=0.5, max_steps=12),
-            train_dataset=default_dataset["train"].select(range(96)),
-            eval_dataset=default_dataset["test"].select(range(16)),
-            processing_class=tiny_tokenizer,
-        )
-        before = snapshot(model_parameters(trainer))
-        guidance_before = snapshot(dict(trainer.guidance_model.named_parameters()))
-        trainer.train()
-        losses = logged_losses(trainer)
-        assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
-        assert sum(losses[-4:]) / 4 < losses[0] - 0.05
-        assert changed_parameters(before, model_parameters(trainer)) == set(before)
-        assert not changed_parameters(guidance_before, dict(trainer.guidance_model.named_parameters()))
-        assert NEW_METRICS <= trainer.state.log_history[-2].keys()
-        metrics = trainer.evaluate()
-        assert {"eval_loss", "eval_token_rewards/chosen", "eval_rewards/accuracies"} <= metrics.keys()
-
     def test_lora_from_the_script_output(self, tiny_model_path, tiny_tokenizer, precomputed, tmp_path):
         """The precompute script's output trains (with precomputed reference log-probs: a DPO-cost step), with LoRA:
         only the adapter moves."""
@@ -504,8 +456,6 @@ class TestConfigAndErrors:
             (dict(alpha=math.inf), "`alpha` must be a finite number >= 0"),
             (dict(min_token_weight=2.0, max_token_weight=1.0), "must not exceed `max_token_weight`"),
             (dict(max_token_weight=math.nan), "`max_token_weight` must be a finite number"),
-            (dict(loss_type=["ipo"]), "defines its own loss"),
-            (dict(beta=0.0), "`beta` must be positive"),
         ],
     )
     def test_invalid_values(self, kwargs, message, tmp_path):
@@ -520,10 +470,3 @@ class TestConfigAndErrors:
         model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
         with pytest.raises(ValueError, match="`guidance_model` is the model being trained"):
             TGDPOTrainer(model=model, guidance_model=model, args=tgdpo_args(tmp_path), train_dataset=train_subset)
-        with pytest.raises(TypeError, match="must be a `TGDPOConfig`"):
-            TGDPOTrainer(
-                model=tiny_model_path,
-                guidance_model=tiny_model_path,
-                args=DPOConfig(output_dir=str(tmp_path), use_cpu=True),
-                train_dataset=train_subset,
-            )

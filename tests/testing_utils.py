@@ -5,7 +5,10 @@ changing one import.
 """
 
 import inspect
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,8 @@ import trl_tokenpref.base
 import trl_tokenpref.checks
 from trl_tokenpref import TBPOConfig, TBPOTrainer, TDPOConfig, TDPOTrainer, TGDPOConfig, TGDPOTrainer
 
-# Package internals used by the tests (dataset checks and the truncation rule they share with the collators)
+# Package internals used by the tests (dataset checks and the truncation rule they share with the collators; the
+# TBPO-Q head's file name)
 from trl_tokenpref.checks import (  # noqa: F401 (re-exported for the test modules)
     drop_rows_without_completion_tokens,
     rows_without_completion_tokens,
@@ -25,6 +29,8 @@ from trl_tokenpref.checks import (  # noqa: F401 (re-exported for the test modul
     scored_completion_range,
     why_no_completion_token,
 )
+from trl_tokenpref.tbpo import load_baseline_head
+from trl_tokenpref.tbpo.baseline_head import BASELINE_HEAD_NAME
 from trl_tokenpref.token_batch import TokenBatch
 from trl_tokenpref.token_stats import compute_token_stats, reference_top_k
 
@@ -40,6 +46,114 @@ CHECK_MODULES = frozenset(
 
 METHODS = {"tdpo": (TDPOTrainer, TDPOConfig), "tgdpo": (TGDPOTrainer, TGDPOConfig), "tbpo": (TBPOTrainer, TBPOConfig)}
 CONFIG_CLASSES = {DPOTrainer: DPOConfig, **dict(METHODS.values())}
+
+
+# ------------------------------------------------------------------------------------------------ trainer cases
+# The shared contract of the token-level trainers (`tests/test_trainer_contract.py`, `tests/test_dpo_metrics.py`)
+# runs over these cases: one trainer with the settings that select one method or variant.
+
+
+@dataclass(frozen=True)
+class TrainerCase:
+    trainer_class: type
+    # Config kwargs that select the method or variant (a test may add its own on top)
+    config: dict
+    # The metrics the method logs next to DPOTrainer's. A case logs none of the other cases' (`other_cases_metrics`)
+    own_metrics: frozenset[str]
+    # One of `own_metrics` that is non-zero once the policy moved: the method's own term is live
+    live_metric: str
+    # The loss at πθ = π_ref, where ρ = κ = 0 (and TBPO-Q's zero-initialised head gives b ≡ 0)
+    loss_at_init: float
+    # Bound on the mean of the last 5 logged losses of the contract's 15-step full fine-tuning: a clear fall from
+    # `loss_at_init` (0.5 from log 2; 0.9 × 0.25 for ℓ_SBA). Measured: 0.13-0.16 for TDPO and TGDPO, 0.16 for
+    # TBPO-A/Q, -0.53 for BPO (ℓ_SBA goes below 0 as R falls below 1).
+    trained_loss_below: float
+    # Whether the trainer builds a TBPO-Q baseline head, which trains and is saved next to the model
+    baseline_head: bool = False
+
+    @property
+    def needs_guidance(self) -> bool:
+        """TGDPO needs a guidance model (the `guidance_path` fixture), unless its dataset has token-reward columns."""
+        return self.trainer_class is TGDPOTrainer
+
+
+KL_METRICS = frozenset({"kl/chosen", "kl/rejected", "kl/margin"})
+TDPO_METRICS = KL_METRICS | {"tdpo_rewards/chosen", "tdpo_rewards/rejected", "tdpo_rewards/margins"}
+BPO_METRICS = frozenset({"log_R/mean", "log_R/frac_below_zero"})
+TBPO_METRICS = BPO_METRICS | {"min_length"}
+SIGMOID_LOSS_AT_INIT = math.log(2)  # −log σ(0)
+SBA_LOSS_AT_INIT = 0.25  # ℓ_SBA(λ=0, s=4)(R = 1), TBPO's default generator
+TRAINER_CASES = {
+    "tdpo1": TrainerCase(TDPOTrainer, dict(variant="tdpo1"), TDPO_METRICS, "kl/rejected", SIGMOID_LOSS_AT_INIT, 0.5),
+    "tdpo2": TrainerCase(
+        TDPOTrainer, dict(variant="tdpo2", alpha=0.5), TDPO_METRICS, "kl/rejected", SIGMOID_LOSS_AT_INIT, 0.5
+    ),
+    # α = 5: large enough that a misplaced or mis-scaled token reward changes the loss visibly (~20% of the token
+    # weights 1 ± α r̂ are negative with the `guidance_path` model), and it still trains
+    "tgdpo": TrainerCase(
+        TGDPOTrainer,
+        dict(alpha=5.0),
+        frozenset({"token_rewards/chosen", "token_rewards/rejected", "token_rewards/negative_weights"}),
+        "token_rewards/chosen",
+        SIGMOID_LOSS_AT_INIT,
+        0.5,
+    ),
+    "tbpo_a": TrainerCase(
+        TBPOTrainer,
+        dict(variant="tbpo_a"),
+        TBPO_METRICS | KL_METRICS,
+        "kl/rejected",
+        SBA_LOSS_AT_INIT,
+        0.9 * SBA_LOSS_AT_INIT,
+    ),
+    "tbpo_q": TrainerCase(
+        TBPOTrainer,
+        dict(variant="tbpo_q"),
+        TBPO_METRICS | {"baseline/log_w_abs_mean", "baseline/frac_clamped"},
+        "baseline/log_w_abs_mean",
+        SBA_LOSS_AT_INIT,
+        0.9 * SBA_LOSS_AT_INIT,
+        baseline_head=True,
+    ),
+    # Sequence-level BPO: one macro-token per response
+    "bpo": TrainerCase(
+        TBPOTrainer, dict(token_level=False), BPO_METRICS, "log_R/mean", SBA_LOSS_AT_INIT, 0.9 * SBA_LOSS_AT_INIT
+    ),
+}
+
+
+def other_cases_metrics(case: str) -> frozenset[str]:
+    """The metrics that other cases log and `case` must not (a metric two methods share counts as its own)."""
+    others = frozenset().union(*(spec.own_metrics for name, spec in TRAINER_CASES.items() if name != case))
+    return others - TRAINER_CASES[case].own_metrics
+
+
+class DPOReduction(NamedTuple):
+    """Settings under which a case computes DPO's loss and gradient (docs/algorithms.md §6)."""
+
+    case: str
+    config: dict
+    # Whether the reduction also holds once the policy moved away from the reference, or only at initialisation
+    away_from_init: bool
+    # TGDPO: the guidance model is the reference itself (r̂ ≡ 0), instead of the `guidance_path` model
+    guidance_is_reference: bool = False
+
+
+# Token-level TBPO (TBPO-A, TBPO-Q) has no entry: its loss is a mean of a per-token ℓ_h over aligned tokens, not a
+# function of the summed log-ratios, so no setting makes it DPO except pairs of single tokens, where it equals BPO
+# (`test_tbpo_trainer.py::test_single_token_pairs_a_equals_q_equals_bpo`).
+DPO_REDUCTIONS = {
+    "tdpo2_alpha0": DPOReduction("tdpo2", dict(alpha=0.0), away_from_init=True),  # invariant 4: α = 0 is DPO
+    # Invariant 8: at initialisation κ = 0 and ∇κ = 0, so every TDPO variant is DPO. Away from it the KL term is live
+    # and TDPO is not DPO (`test_tdpo_trainer.py::test_tdpo1_differs_from_dpo_away_from_init`)
+    "tdpo2": DPOReduction("tdpo2", {}, away_from_init=False),
+    "tdpo1": DPOReduction("tdpo1", {}, away_from_init=False),
+    # Invariant 11: α = 0 (with a real guidance model), or a guidance model equal to the reference (r̂ ≡ 0, any α)
+    "tgdpo_alpha0": DPOReduction("tgdpo", dict(alpha=0.0), away_from_init=True),
+    "tgdpo_guidance_is_reference": DPOReduction("tgdpo", {}, away_from_init=True, guidance_is_reference=True),
+    # Invariants 15 and 24: one macro-token per response with h = LR is DPO's sigmoid loss
+    "bpo_lr": DPOReduction("bpo", dict(generator="lr"), away_from_init=True),
+}
 
 # ---------------------------------------------------------------------------------------------------- precision
 # Equivalence tests run the models in float64 (`model_init_kwargs=FLOAT64_MODEL`), so that their tolerances follow
@@ -255,6 +369,17 @@ def assert_saved_model_reloads(trainer, output_dir: Path) -> None:
         assert torch.equal(param, trainer.model.get_parameter(name).detach()), name
 
 
+def assert_saved_baseline_head(trainer, output_dir: Path) -> None:
+    """`save_model` writes the TBPO-Q baseline head next to the model (it reloads bit for bit), and no head file for a
+    trainer without one."""
+    head = getattr(trainer, "baseline_head", None)
+    assert (Path(output_dir) / BASELINE_HEAD_NAME).is_file() == (head is not None)
+    if head is not None:
+        reloaded = load_baseline_head(str(output_dir))
+        for name, tensor in head.state_dict().items():
+            assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
 def assert_saved_adapter_reloads(trainer, base_model_path: str, output_dir: Path) -> None:
     """`save_model` of a PEFT run writes the adapter, which reloads onto the base model with the trained weights."""
     trainer.save_model(str(output_dir))
@@ -277,6 +402,13 @@ def perturb(module: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None
         for param in module.parameters():
             # Drawn in float32 whatever the parameter's dtype: float32 and float64 copies get the same noise
             param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * scale)
+
+
+def perturb_head(trainer) -> None:
+    """Give the zero-initialised output layer of the TBPO-Q head values, so that log w is not identically 0 (nothing
+    for a trainer without a head)."""
+    if getattr(trainer, "baseline_head", None) is not None:
+        perturb(trainer.baseline_head, seed=2)
 
 
 def perturbed_copy(source: str, target: Path, seed: int, scale: float, lm_head_only: bool = False) -> str:

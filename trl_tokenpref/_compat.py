@@ -73,11 +73,18 @@ OVERRIDDEN_METHODS = {
     "DPOTrainer._prepare_dataset": ("self", "dataset", "processing_class", "args", "dataset_name"),
     "DPOTrainer._precompute_ref_logps": ("self", "dataset", "name", "batch_size"),
     "DPOTrainer._set_signature_columns_if_needed": ("self",),
-    # Trainer: TBPO-Q saves and restores its baseline head and its optimizer beside the model's
+    # Trainer: TBPO-Q saves and restores its baseline head and its optimizer beside the model's; the loads name the
+    # checkpoint in their errors (checkpoints.TrainingGuardMixin)
     "Trainer._save_optimizer_and_scheduler": ("self", "output_dir"),
     "Trainer._load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
     "Trainer._load_optimizer_and_scheduler": ("self", "checkpoint"),
+    "Trainer._load_rng_state": ("self", "checkpoint"),
     "Trainer._load_best_model": ("self",),
+    # Trainer (checkpoints.TrainingGuardMixin): a checkpoint's manifest is written once `_save_checkpoint` has written
+    # every file; each optimizer step is checked for a non-finite loss or gradient norm before
+    # `_maybe_log_save_evaluate` logs or saves it (it gets the step's gradient norm, and is called once per step)
+    "Trainer._save_checkpoint": ("self", "model", "trial"),
+    "Trainer._maybe_log_save_evaluate": ("self", "tr_loss", "grad_norm", "model", "trial", "epoch"),
 }
 
 # Private attributes of a DPOTrainer that the trainers read or write, and what they hold. The metrics are logged into

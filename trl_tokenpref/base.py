@@ -28,6 +28,7 @@ from trl import DPOConfig, DPOTrainer
 from . import checks, launch_checks, precompute
 from ._compat import disable_gradient_checkpointing, precompute_model_hash, precompute_reference_model, use_adapter
 from ._logging import get_logger
+from .checkpoints import TrainingGuardMixin
 from .losses import Metric
 from .packing import PACKED_BATCH_KEY, packed_model_kwargs, prepare_model_for_packing
 from .precompute import (
@@ -255,10 +256,12 @@ class _StreamedDropsCallback(TrainerCallback):
         )
 
 
-class TokenLevelDPOTrainer(DPOTrainer):
+class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
     """A [`~trl.DPOTrainer`] whose `compute_loss` works on per-token statistics computed in chunks.
 
     The constructor is DPOTrainer's. Subclasses set `_config_class` and write `compute_loss` with the helpers here.
+    [`~trl_tokenpref.checkpoints.TrainingGuardMixin`] adds to `Trainer`: checked resumes (`train(resume_from_checkpoint=
+    ...)`), a manifest in every checkpoint, a stop at the first non-finite step, and one run per `output_dir`.
     """
 
     _config_class = TokenLevelDPOConfig
@@ -553,6 +556,7 @@ class TokenLevelDPOTrainer(DPOTrainer):
             name=name,
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
+            vocab_size=self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size,
         )
 
     def _reference_top_k(self, model, inputs: dict, k: int) -> ReferenceCache:

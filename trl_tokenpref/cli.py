@@ -26,15 +26,12 @@ import difflib
 import functools
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 
+from . import checkpoints
+from .checkpoints import inspect_checkpoint, on_main_process
 from .checks import LOCAL_FILE_BUILDERS, missing_local_path
-
-
-_CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
-_RNG_STATE_FILE = re.compile(r"^rng_state(_\d+)?\.pth$")
 
 
 @functools.cache
@@ -159,169 +156,28 @@ def check_local_paths_exist(script_args, training_args, model_args, dataset_args
 
 def missing_checkpoint_files(checkpoint: str) -> list[str]:
     """What the folder `checkpoint` lacks to be resumed from, or `[]` when it is complete (see
-    [`inspect_checkpoint`])."""
+    [`~checkpoints.inspect_checkpoint`])."""
     return inspect_checkpoint(checkpoint)[0]
 
 
-def inspect_checkpoint(checkpoint: str) -> tuple[list[str], bool]:
-    """What the folder `checkpoint` lacks to be resumed from (`[]` when it is complete), and whether `Trainer.train`
-    fails on it (it lacks the trainer state or the weights) rather than resuming without the rest, silently.
-
-    `Trainer._save_checkpoint` writes, in this order: the weights (or the adapter; TBPO-Q first writes its
-    `baseline_head.safetensors`), unless `save_only_model=True` the optimizer (`optimizer.pt`, or DeepSpeed's
-    `global_step*` folder, or FSDP's `optimizer*` folder; TBPO-Q adds `baseline_optimizer.pt`), the scheduler
-    (`scheduler.pt`) and the RNG state (`rng_state.pth`, `rng_state_<rank>.pth` with several processes), and last
-    `trainer_state.json`. A save that was interrupted (a `kill -9`, a lost node) leaves a folder without
-    `trainer_state.json` (or with a truncated one), from which `Trainer.train` fails. A checkpoint is complete when it
-    has a readable `trainer_state.json`, weights (every shard an index lists), and, when any optimizer, scheduler or
-    RNG file is there (the checkpoint was not saved with `save_only_model=True`), all of them.
-    """
-    from transformers.trainer import (
-        FSDP_MODEL_NAME,
-        OPTIMIZER_NAME,
-        OPTIMIZER_NAME_BIN,
-        SCALER_NAME,
-        SCHEDULER_NAME,
-        TRAINER_STATE_NAME,
-    )
-    from transformers.utils import (
-        ADAPTER_SAFE_WEIGHTS_NAME,
-        ADAPTER_WEIGHTS_NAME,
-        SAFE_WEIGHTS_INDEX_NAME,
-        SAFE_WEIGHTS_NAME,
-        WEIGHTS_INDEX_NAME,
-        WEIGHTS_NAME,
-    )
-
-    from .tbpo.baseline_head import BASELINE_HEAD_NAME, BASELINE_OPTIMIZER_NAME
-
-    files = {entry.name for entry in os.scandir(checkpoint) if entry.is_file()}
-    folders = {entry.name for entry in os.scandir(checkpoint) if entry.is_dir()}
-    missing = []  # what `Trainer.train` cannot resume without
-    if TRAINER_STATE_NAME not in files:
-        missing.append(TRAINER_STATE_NAME)
-    else:
-        try:
-            json.loads(Path(checkpoint, TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            missing.append(f"a readable {TRAINER_STATE_NAME} (it is truncated or corrupt)")
-
-    deepspeed = any(name.startswith("global_step") for name in folders)
-    adapter_folders = any(
-        Path(checkpoint, name, ADAPTER_SAFE_WEIGHTS_NAME).is_file()
-        or Path(checkpoint, name, ADAPTER_WEIGHTS_NAME).is_file()
-        for name in folders
-    )
-    weight_files = {SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME}
-    weight_files |= {ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, f"{FSDP_MODEL_NAME}.bin"}
-    fsdp_folders = any(FSDP_MODEL_NAME in name for name in folders)
-    if not (files & weight_files or fsdp_folders or adapter_folders or deepspeed):
-        missing.append(f"the model weights ({SAFE_WEIGHTS_NAME}, {ADAPTER_SAFE_WEIGHTS_NAME}, ...)")
-    for index_name in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
-        if index_name in files:
-            try:
-                index = json.loads(Path(checkpoint, index_name).read_text(encoding="utf-8"))
-                shards = set(index["weight_map"].values())
-            except (OSError, ValueError, KeyError, AttributeError):
-                missing.append(f"a readable {index_name}")
-                continue
-            missing += [f"{shard} (listed in {index_name})" for shard in sorted(shards - files)]
-    fatal = bool(missing)
-
-    # Without `save_only_model`, the optimizer, scheduler and RNG state are all saved: one of them present means
-    # they all should be (TBPO-Q's head optimizer with them)
-    optimizer = bool(files & {OPTIMIZER_NAME, OPTIMIZER_NAME_BIN}) or any("optimizer" in name for name in folders)
-    scheduler = SCHEDULER_NAME in files
-    rng_state = any(_RNG_STATE_FILE.match(name) for name in files)
-    full_save = (
-        optimizer or scheduler or rng_state or deepspeed or bool(files & {SCALER_NAME, BASELINE_OPTIMIZER_NAME})
-    )
-    if full_save:
-        if not (optimizer or deepspeed):
-            missing.append(OPTIMIZER_NAME)
-        if not (scheduler or deepspeed):  # DeepSpeed keeps its own scheduler's state in `global_step*`
-            missing.append(SCHEDULER_NAME)
-        if not rng_state:
-            missing.append("rng_state.pth")
-    if BASELINE_OPTIMIZER_NAME in files and BASELINE_HEAD_NAME not in files:
-        missing.append(BASELINE_HEAD_NAME)
-    if BASELINE_HEAD_NAME in files and full_save and BASELINE_OPTIMIZER_NAME not in files:
-        missing.append(BASELINE_OPTIMIZER_NAME)
-    return missing, fatal
-
-
-def _checkpoint_folders(output_dir: str) -> list[str]:
-    """The `checkpoint-<step>` folders of `output_dir`, newest (highest step) first."""
-    if not os.path.isdir(output_dir):
-        return []
-    steps = [
-        (int(match.group(1)), entry.path)
-        for entry in os.scandir(output_dir)
-        if entry.is_dir() and (match := _CHECKPOINT_FOLDER.match(entry.name))
-    ]
-    return [path for _, path in sorted(steps, reverse=True)]
-
-
 def check_checkpoint(checkpoint: str) -> None:
-    """Refuses a checkpoint folder that does not exist or that `Trainer.train` would fail on (no readable trainer
-    state, no weights: an interrupted save), and warns about one that lacks only the optimizer, scheduler or RNG state,
-    which `Trainer` would skip silently (the run then does not continue exactly as the original one)."""
-    if not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"`resume_from_checkpoint={checkpoint}`: no such checkpoint folder.")
-    missing, fatal = inspect_checkpoint(checkpoint)
-    if fatal:
-        raise ValueError(
-            f"The checkpoint {checkpoint} is incomplete: it lacks {', '.join(missing)} (its save was interrupted, "
-            "e.g. by a kill). Resume from an earlier checkpoint: `--resume_from_checkpoint last` picks the newest "
-            "complete one in `output_dir`."
-        )
-    if missing:
-        _logger().warning(
-            f"The checkpoint {checkpoint} lacks {', '.join(missing)}: training resumes from its weights and trainer "
-            "state, but not from what is missing, so it does not continue exactly as the original run."
-        )
+    """[`~checkpoints.check_checkpoint`], run by the main process only (it reads the whole checkpoint) and raised on
+    every process: refuses a checkpoint that is incomplete or not what was saved, naming the files; warns about one
+    that lacks only what `Trainer` would skip silently (optimizer, scheduler, RNG state)."""
+    on_main_process(checkpoints.check_checkpoint, checkpoint)
 
 
 def resolve_resume_from_checkpoint(training_args) -> str | None:
     """The checkpoint to resume from: `resume_from_checkpoint` as a path (checked by [`check_checkpoint`]), or
-    `true`/`last` for the newest complete checkpoint in `output_dir` (see [`missing_checkpoint_files`]).
+    `true`/`last` for the newest checkpoint in `output_dir` that is complete and passes
+    [`~checkpoints.verify_checkpoint`] (files as the manifest says, finite weights, readable trainer state).
 
-    With `last`, newer checkpoints that are incomplete (an interrupted save) are skipped with a warning that names
-    them and what they lack; they are left in place. It is an error if `output_dir` holds no checkpoint, or no
-    complete one: silently restarting from scratch would waste a run.
+    With `last`, newer checkpoints that fail are skipped with a warning that names them and what is wrong; they are
+    left in place. It is an error if `output_dir` holds no checkpoint, or none that passes: silently restarting from
+    scratch would waste a run.
     """
-    value = training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "none"):
-        return None
-    if str(value).lower() not in ("true", "last"):
-        return str(value)
-
-    output_dir = training_args.output_dir
-    checkpoints = _checkpoint_folders(output_dir)
-    if not checkpoints:
-        raise ValueError(
-            f"`resume_from_checkpoint={value}` asks for the last checkpoint in `output_dir`, but {output_dir!r} "
-            "holds no `checkpoint-*` folder. Pass a checkpoint path, or drop `resume_from_checkpoint` to start "
-            "from scratch."
-        )
-    incomplete = []
-    for checkpoint in checkpoints:
-        missing = missing_checkpoint_files(checkpoint)
-        if not missing:
-            for skipped, skipped_missing in incomplete:
-                _logger().warning(
-                    f"Skipping the incomplete checkpoint {skipped}: it lacks {', '.join(skipped_missing)} (its save "
-                    f"was interrupted, e.g. by a kill). Resuming from {checkpoint}, the newest complete one. The "
-                    f"folder {skipped} is left as it is; this run writes over it if it saves that step again."
-                )
-            return checkpoint
-        incomplete.append((checkpoint, missing))
-    details = "; ".join(f"{path} lacks {', '.join(missing)}" for path, missing in incomplete)
-    raise ValueError(
-        f"`resume_from_checkpoint={value}` asks for the last complete checkpoint in {output_dir!r}, but none of its "
-        f"checkpoints is complete: {details} (what an interrupted save leaves). Pass `--resume_from_checkpoint` with "
-        "a complete checkpoint's path, or drop it to start from scratch (with another `--output_dir` to keep these "
-        "folders)."
+    return on_main_process(
+        checkpoints.resolve_checkpoint, training_args.resume_from_checkpoint, training_args.output_dir
     )
 
 
@@ -331,10 +187,10 @@ def warn_if_output_dir_holds_checkpoints(training_args) -> None:
     value = training_args.resume_from_checkpoint
     if value is not None and str(value).lower() not in ("", "false", "none"):
         return
-    checkpoints = _checkpoint_folders(training_args.output_dir)
-    if not checkpoints:
+    folders = checkpoints.checkpoint_folders(training_args.output_dir)
+    if not folders:
         return
-    names = ", ".join(os.path.basename(path) for path in reversed(checkpoints))
+    names = ", ".join(os.path.basename(path) for path in reversed(folders))
     saving = str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no"
     consequence = ""
     if saving:
@@ -357,18 +213,39 @@ def check_before_loading(script_args, training_args, model_args, dataset_args) -
     hours into a run):
 
     * the local paths of the model, the guidance model and the dataset exist ([`check_local_paths_exist`]);
-    * `resume_from_checkpoint` resolves to a complete checkpoint ([`resolve_resume_from_checkpoint`],
-      [`check_checkpoint`]); the resolved path replaces `true`/`last` in `training_args.resume_from_checkpoint`, so
-      the skipped checkpoints are reported once;
+    * no other run writes into `output_dir` ([`hold_output_dir`]: this run holds it until [`train_and_save`] ends);
+    * `resume_from_checkpoint` resolves to a complete checkpoint that is what was saved
+      ([`resolve_resume_from_checkpoint`], [`check_checkpoint`]); the resolved path replaces `true`/`last` in
+      `training_args.resume_from_checkpoint`, so the skipped checkpoints are reported once;
     * a run that does not resume is warned when `output_dir` holds checkpoints
       ([`warn_if_output_dir_holds_checkpoints`]).
     """
     check_local_paths_exist(script_args, training_args, model_args, dataset_args)
-    checkpoint = resolve_resume_from_checkpoint(training_args)
-    if checkpoint is not None:
-        check_checkpoint(checkpoint)
-    training_args.resume_from_checkpoint = checkpoint
-    warn_if_output_dir_holds_checkpoints(training_args)
+    hold_output_dir(training_args)
+    try:
+        checkpoint = resolve_resume_from_checkpoint(training_args)
+        if checkpoint is not None:
+            check_checkpoint(checkpoint)
+        training_args.resume_from_checkpoint = checkpoint
+        warn_if_output_dir_holds_checkpoints(training_args)
+    except BaseException:
+        release_output_dir(training_args)
+        raise
+
+
+def hold_output_dir(training_args) -> None:
+    """Take the run's lock on `output_dir` ([`~checkpoints.acquire_output_dir`], by the main process; every process
+    raises if another run holds it), before anything is loaded: a second run into the same folder (a job submitted
+    twice) stops at once, naming the first. Held until [`train_and_save`] has saved the model."""
+    on_main_process(checkpoints.acquire_output_dir, training_args.output_dir)
+
+
+def release_output_dir(training_args) -> None:
+    """Release the hold of [`hold_output_dir`] (the process's exit releases it too, however it ends)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        checkpoints.release_output_dir(training_args.output_dir)
 
 
 @contextlib.contextmanager
@@ -590,5 +467,6 @@ def train_and_save(trainer, script_args, training_args) -> None:
     # Finish the trackers and destroy the process group. Every rank first waits for the others: a rank that tears
     # down its gloo group while another still saves or logs can abort the launch at exit (seen in CI as SIGABRT)
     trainer.accelerator.wait_for_everyone()
+    release_output_dir(training_args)
     if Version(transformers.__version__) >= Version("5.18.0"):
         trainer.end()

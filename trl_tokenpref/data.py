@@ -25,6 +25,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
+from .files import atomic_write
+
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"]
 OBJECTS = ["ball", "box", "cup", "hat", "car", "kite", "book", "lamp"]
@@ -237,7 +239,7 @@ def write_default_dataset(output_dir: str | Path, format: str = "standard") -> d
     paths = {}
     for split, dataset in splits.items():
         path = output_dir / f"{split}.jsonl"
-        with path.open("w", encoding="utf-8") as file:
+        with atomic_write(path) as file:  # whole or not at all: the training scripts read it
             for row in dataset:
                 file.write(json.dumps(row, ensure_ascii=False) + "\n")
         paths[split] = str(path)

@@ -16,9 +16,15 @@ main process wrote. The values are gathered across processes, so each row is com
 no cache directory that every process can read (DPOTrainer's precompute fails there under several processes): each
 process then builds the columns in memory from the gathered values.
 
+Unlike DPOTrainer's, the cache file is written under a temporary name and renamed once complete (a killed precompute
+leaves no cache file, and its temporary file is removed by the next precompute on that host), and it is checked when
+it is read: readable, one row per row, one value per token, values in range ([`reference_cache_problem`]). A file
+that fails is named in a warning, deleted and computed again.
+
 Tokens that `max_length` truncation removes are never scored and hold `None` (they are never read either).
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -37,9 +43,14 @@ from datasets.table import InMemoryTable
 from torch.utils.data import DataLoader
 
 from ._compat import DataCollatorForPreference, dataset_cache_file, dataset_fingerprint
+from ._logging import get_logger
 from .checks import scored_completion_range
+from .files import atomic_write, remove_orphan_temporaries
 from .packing import PACKED_BATCH_KEY
 from .token_batch import TokenBatch
+
+
+logger = get_logger(__name__)
 
 
 # The reference's per-token log-probabilities log π_ref(y_t|s_t), stored by `precompute_ref_log_probs=True`
@@ -199,6 +210,7 @@ def add_per_token_columns(
     name: str,
     num_workers: int = 0,
     pin_memory: bool = False,
+    vocab_size: int | None = None,
 ) -> Dataset:
     """Return `dataset` with one list column per name in `columns`, holding `score_batch`'s value at every completion
     token that training reads (`None` at the tokens that truncation removes).
@@ -214,6 +226,11 @@ def add_per_token_columns(
         accelerator, collator, batch_size, num_workers, pin_memory: how batches are built and spread over processes.
         max_length, truncation_mode: the collator's truncation, to place each value at its token.
         name: the dataset's name in progress bars.
+        vocab_size: the reference's vocabulary size, for the range check of stored top-k ids.
+
+    A dataset backed by cache files gets its columns from a cache file, reused by a later run with the same key: the
+    file is checked when it is read (readable, one value per token, values in range: [`reference_cache_problem`]),
+    and one that fails is deleted, named in a warning, and computed again. It is written atomically.
     """
     check_map_style(dataset)
     flat_columns = [column for pair in columns for column in pair]
@@ -237,33 +254,154 @@ def add_per_token_columns(
             pin_memory=pin_memory,
         )
 
-    if not dataset.cache_files:
+    def computed_and_checked() -> pa.Table:
         table = compute()
-        return concatenate_datasets([dataset, Dataset(InMemoryTable(table))], axis=1)
+        problem = reference_cache_problem(table, vocab_size)
+        if problem is not None:  # the values come from `log_softmax` and `topk`: out of range only through a bug
+            raise RuntimeError(
+                f"The per-token values computed for the {name} dataset are wrong: {problem}. Please report this issue."
+            )
+        return table
+
+    if not dataset.cache_files:
+        return concatenate_datasets([dataset, Dataset(InMemoryTable(computed_and_checked()))], axis=1)
 
     # Rank 0's key for every process: under ZeRO-3 a model hash may differ between ranks
     fingerprint = [Hasher.hash((PRECOMPUTE_VERSION, dataset_fingerprint(dataset), flat_columns, *cache_key))]
     broadcast_object_list(fingerprint, from_process=0)
     fingerprint = fingerprint[0]
     cache_file = dataset_cache_file(dataset, fingerprint)
-    if not os.path.exists(cache_file):
-        table = compute()
-        features = Features.from_arrow_schema(table.schema)
+    # The main process decides, for every process, whether the cache file can be used: it reads the whole file
+    reuse = [False]
+    if accelerator.is_main_process:
+        remove_orphan_temporaries(os.path.dirname(cache_file))  # of a precompute killed while it wrote its file
+        reuse[0] = _cache_file_is_usable(cache_file, dataset, flat_columns, name, vocab_size)
+    broadcast_object_list(reuse, from_process=0)
+    if not reuse[0]:
+        table = computed_and_checked()
         if accelerator.is_main_process:
-            dataset.with_format("arrow").map(
-                lambda _, indices: table.slice(indices[0], len(indices)),
-                with_indices=True,
-                batched=True,
-                remove_columns=dataset.column_names,
-                features=features,
-                new_fingerprint=fingerprint,
-                cache_file_name=cache_file,
-                desc=f"Caching per-token values for {name} dataset",
-            )
+            _write_cache_file(table, cache_file)
         accelerator.wait_for_everyone()
-    columns_dataset = Dataset.from_file(cache_file)
-    check_per_token_columns(concatenate_datasets([dataset, columns_dataset], axis=1), flat_columns, name)
-    return concatenate_datasets([dataset, columns_dataset], axis=1)
+    return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+
+def _cache_file_is_usable(cache_file: str, dataset: Dataset, columns: list[str], name: str, vocab_size) -> bool:
+    """Whether the cache file exists and holds what the precompute would write: readable, one row per row of
+    `dataset`, the columns, one value per token, in range ([`reference_cache_problem`]). A file that does not (a
+    truncated file, values out of range) is deleted, with a warning naming it, and computed again."""
+    if not os.path.exists(cache_file):
+        return False
+    try:
+        cached = Dataset.from_file(cache_file)
+        absent = [column for column in columns if column not in cached.column_names]
+        if absent:
+            problem = f"it has no column {absent}"
+        elif cached.num_rows != len(dataset):
+            problem = f"it holds {cached.num_rows} rows for a dataset of {len(dataset)}"
+        else:
+            check_per_token_columns(concatenate_datasets([dataset, cached], axis=1), columns, name)
+            problem = reference_cache_problem(cached.data.table, vocab_size)
+    except (OSError, pa.ArrowException, ValueError) as error:  # a truncated or garbled file
+        problem = f"{type(error).__name__}: {error}"
+    if problem is None:
+        return True
+    logger.warning(
+        f"The cache file {cache_file} of the {name} dataset's per-token values cannot be used ({problem}): it is "
+        "deleted and computed again."
+    )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(cache_file)
+    return False
+
+
+def _write_cache_file(table: pa.Table, cache_file: str) -> None:
+    """Write the columns as the Arrow stream file `Dataset.from_file` reads, under a temporary name renamed over
+    `cache_file` once complete (`files.atomic_write`): a precompute killed while it writes leaves no cache file that
+    the next run would read, only a temporary one that the next precompute removes."""
+    features = Features.from_arrow_schema(table.schema)
+    table = table.replace_schema_metadata(features.arrow_schema.metadata)
+    with atomic_write(cache_file, "wb") as file, pa.ipc.new_stream(file, table.schema) as writer:
+        writer.write_table(table, max_chunksize=1000)
+
+
+# Log-probabilities are <= 0; the stored ones are rounded float32 (or bf16/fp16 when the model computes in it)
+_LOG_PROB_SLACK = 1e-3
+# The top-k tokens and the bucket hold the whole next-token distribution: |log(mass)| at most this
+_MASS_SLACK = 0.05
+_CHECK_BATCH_ROWS = 10_000
+
+
+def reference_cache_problem(table: pa.Table, vocab_size: int | None = None) -> str | None:
+    """The first value of the reference cache in `table` that cannot be what the reference computed, as a message
+    naming the column, the row and the value (None when there is none). Checks the columns of `REF_CACHE_COLUMNS` that
+    `table` holds, at every stored (non-null) token:
+
+    * top-k ids are in `[0, vocab_size)` (when `vocab_size` is given) and not negative;
+    * log-probabilities (the label's, the top k's) are finite and <= 0, the bucket's log-mass is <= 0 (or -inf, an
+      empty bucket);
+    * the top k and the bucket hold the whole distribution: log(Σ_top-k p + bucket mass) is 0 (within 5%).
+
+    Vectorised over Arrow buffers, `_CHECK_BATCH_ROWS` rows at a time.
+    """
+    for start in range(0, table.num_rows, _CHECK_BATCH_ROWS):
+        batch = table.slice(start, _CHECK_BATCH_ROWS)
+        for column in batch.column_names:
+            if column not in REF_CACHE_COLUMNS:
+                continue
+            values = batch[column].combine_chunks()
+            flat = pc.list_flatten(values)
+            stored = pc.drop_null(flat).to_numpy(zero_copy_only=False)
+            if column in REF_TOPK_IDS_COLUMNS:
+                bad = (stored < 0) | ((stored >= vocab_size) if vocab_size is not None else False)
+                expected = f"token ids in [0, {vocab_size})" if vocab_size is not None else "token ids >= 0"
+            elif column in REF_TAIL_COLUMNS:
+                bad = np.isnan(stored) | (stored > _LOG_PROB_SLACK)
+                expected = "log-masses <= 0"
+            else:
+                bad = ~np.isfinite(stored) | (stored > _LOG_PROB_SLACK)
+                expected = "finite log-probabilities <= 0"
+            if bad.any():
+                return _value_problem(values, flat, np.flatnonzero(bad)[0], start, column, expected)
+        for topk_column, tail_column in zip(REF_TOPK_LOGPS_COLUMNS, REF_TAIL_COLUMNS, strict=True):
+            if topk_column in batch.column_names and tail_column in batch.column_names:
+                problem = _mass_problem(batch, topk_column, tail_column, start)
+                if problem is not None:
+                    return problem
+    return None
+
+
+def _value_problem(values, flat, stored_index: int, start: int, column: str, expected: str) -> str:
+    """'row r, token t: v' for the `stored_index`-th non-null value of a list column."""
+    kept = np.flatnonzero(~flat.is_null().to_numpy(zero_copy_only=False))[stored_index]
+    parents = pc.list_parent_indices(values).to_numpy()
+    row = int(parents[kept])
+    first_of_row = int(np.searchsorted(parents, row))
+    value = flat[int(kept)].as_py()
+    return (
+        f"`{column}` holds {value} at row {start + row} (value {kept - first_of_row} of the row): expected {expected}"
+    )
+
+
+def _mass_problem(batch: pa.Table, topk_column: str, tail_column: str, start: int) -> str | None:
+    tail_values = batch[tail_column].combine_chunks()
+    tail = pc.list_flatten(tail_values).to_numpy(zero_copy_only=False).astype(np.float64)  # null -> nan
+    topk = pc.list_flatten(batch[topk_column].combine_chunks()).to_numpy(zero_copy_only=False).astype(np.float64)
+    if tail.size == 0 or topk.size % tail.size:
+        return None  # the row widths are checked by `check_per_token_columns`
+    topk = topk.reshape(tail.size, -1)
+    stored = ~np.isnan(tail)
+    with np.errstate(divide="ignore"):
+        mass = np.exp(topk[stored]).sum(axis=1) + np.exp(tail[stored])
+        log_mass = np.log(mass)
+    bad = np.flatnonzero(~(np.abs(log_mass) <= _MASS_SLACK))
+    if not bad.size:
+        return None
+    token = int(np.flatnonzero(stored)[bad[0]])
+    row = int(pc.list_parent_indices(tail_values).to_numpy()[token])
+    return (
+        f"the reference's top-k probabilities and bucket of row {start + row} sum to {mass[bad[0]]:.4g} instead of 1 "
+        f"(`{topk_column}`, `{tail_column}`): they are not a next-token distribution"
+    )
 
 
 def check_per_token_columns(dataset: Dataset, columns: list[str], name: str) -> None:

@@ -29,6 +29,7 @@ from ..checks import (
     check_token_ids_fit,
     scored_completion_range,
 )
+from ..files import fingerprint_mismatch
 from ..precompute import (
     REF_TOKEN_LOGPS_COLUMNS,
     DataCollatorForPerTokenColumns,
@@ -40,8 +41,11 @@ from ..token_stats import add_token_stats_head
 
 TOKEN_REWARD_COLUMNS = ("chosen_token_rewards", "rejected_token_rewards")  # r̂_t = β·(log π_guide − log π_ref)
 PER_TOKEN_COLUMNS = TOKEN_REWARD_COLUMNS + REF_TOKEN_LOGPS_COLUMNS
-# Written by `scripts/compute_token_rewards.py` beside the data it writes: β, models, truncation, statistics of r̂
+# Written by `scripts/compute_token_rewards.py` beside the data it writes: β, models, truncation, statistics of r̂,
+# and each data file's size and checksum
 TOKEN_REWARDS_INFO_FILE = "token_rewards_info.json"
+# The β the rewards were computed at, in every row: it travels with the data through any format and loader
+TOKEN_REWARDS_BETA_COLUMN = "token_rewards_beta"
 
 
 def _side(column: str) -> str:
@@ -159,7 +163,8 @@ def compute_token_rewards(
 ) -> Dataset:
     """`dataset` with the columns `chosen_token_rewards` / `rejected_token_rewards`: r̂_t = β·(log π_guide(y_t|s_t)
     − log π_ref(y_t|s_t)) at every completion token that training with these `max_length` / `truncation_mode` reads
-    (`None` elsewhere), through the same precompute as the trainers (`precompute.add_per_token_columns`).
+    (`None` elsewhere), through the same precompute as the trainers (`precompute.add_per_token_columns`), and the
+    column `token_rewards_beta` (β, in every row: the trainer refuses to train at another β).
 
     `ref_model` and `guidance_model` are loaded causal LMs with the tokenizer's vocabulary, frozen and in evaluation
     mode; they are patched with the token-statistics head. The values are computed in the models' dtype.
@@ -213,12 +218,13 @@ def compute_token_rewards(
         truncation_mode=truncation_mode,
         name=name,
     )
-    output = dataset.remove_columns([column for column in PER_TOKEN_COLUMNS if column in dataset.column_names])
+    stale = [*PER_TOKEN_COLUMNS, TOKEN_REWARDS_BETA_COLUMN]
+    output = dataset.remove_columns([column for column in stale if column in dataset.column_names])
     for column in TOKEN_REWARD_COLUMNS:
         values = with_values.select_columns([column]).with_format("arrow")[:][column].combine_chunks()
         values = values.cast(pa.list_(pa.float32()))
         output = output.add_column(column, values, feature=List(Value("float32")))
-    return output
+    return output.add_column(TOKEN_REWARDS_BETA_COLUMN, [float(beta)] * len(output), feature=Value("float64"))
 
 
 def token_reward_stats(dataset: Dataset) -> dict:
@@ -236,11 +242,20 @@ def token_reward_stats(dataset: Dataset) -> dict:
     return stats
 
 
+def _info_error(info_path: str, problem: str) -> ValueError:
+    return ValueError(
+        f"The token rewards' info file {info_path} {problem}. It is written by `scripts/compute_token_rewards.py` "
+        "with the data: run the script again to write both (or remove the info file, and with it the check of β "
+        "against the data)."
+    )
+
+
 def find_token_rewards_info(dataset_or_path) -> tuple[str, dict] | None:
     """The info file that `scripts/compute_token_rewards.py` wrote beside the data, and its content, or None.
 
     Looked for next to a path (the data file or folder, and the folder above it), or next to the files backing a
-    dataset read with `load_from_disk` (`<output_dir>/<split>/data-*.arrow`, so two folders up).
+    dataset read with `load_from_disk` (`<output_dir>/<split>/data-*.arrow`, so two folders up). An info file that
+    cannot be read (truncated, a β that is not a number) is an error naming it.
     """
     if isinstance(dataset_or_path, (str, os.PathLike)):
         path = os.path.abspath(os.path.expanduser(dataset_or_path))
@@ -253,22 +268,100 @@ def find_token_rewards_info(dataset_or_path) -> tuple[str, dict] | None:
     for folder in candidates:
         info_path = os.path.join(folder, TOKEN_REWARDS_INFO_FILE)
         if os.path.isfile(info_path):
-            with open(info_path) as f:
-                return info_path, json.load(f)
+            try:
+                with open(info_path, encoding="utf-8") as f:
+                    info = json.load(f)
+            except (OSError, ValueError) as error:
+                raise _info_error(info_path, f"cannot be read ({type(error).__name__}: {error})") from error
+            if not isinstance(info, dict):
+                raise _info_error(info_path, "does not hold a JSON object")
+            beta = info.get("beta")
+            if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
+                raise _info_error(info_path, f"gives beta as {beta!r} ({type(beta).__name__}), not a number")
+            return info_path, info
     return None
+
+
+def token_rewards_info_problems(info_path: str, info: dict, dataset_or_path) -> list[str]:
+    """Where the data that `info` describes differs from it: a file whose size or checksum is not the one written
+    with the info (e.g. a run of `compute_token_rewards.py` killed between its data and its info, or a file changed
+    since), a dataset with another number of rows, rows computed at another β. Each problem names its file. An info
+    file without `data_files` (written before they were recorded) is not compared."""
+    splits = info.get("data_files")
+    if not isinstance(splits, dict):
+        return []
+    folder = os.path.dirname(info_path)
+    if isinstance(dataset_or_path, (str, os.PathLike)):
+        path = os.path.abspath(os.path.expanduser(dataset_or_path))
+        read = None if os.path.isdir(path) else os.path.relpath(path, folder)
+        dataset = None
+    else:
+        dataset = dataset_or_path
+        first = dataset.cache_files[0]["filename"]
+        read = os.path.relpath(first, folder)
+    problems = []
+    for split, entry in splits.items():
+        files = entry.get("files", {})
+        if read is not None and read.replace(os.sep, "/") not in files:
+            continue  # another split than the one read
+        for name, expected in files.items():
+            mismatch = fingerprint_mismatch(os.path.join(folder, name), expected)
+            if mismatch is not None:
+                problems.append(mismatch)
+        if dataset is not None and entry.get("rows") is not None and dataset.data.num_rows != entry["rows"]:
+            problems.append(
+                f"the {split} split holds {dataset.data.num_rows} rows where {info_path} says {entry['rows']}"
+            )
+    if dataset is not None and info.get("beta") is not None:
+        betas = data_betas(dataset)
+        if betas and not all(math.isclose(value, float(info["beta"]), rel_tol=1e-6) for value in betas):
+            problems.append(f"the rows were computed at beta={sorted(betas)} where {info_path} says {info['beta']}")
+    return problems
+
+
+def data_betas(dataset) -> set[float]:
+    """The distinct values of the `token_rewards_beta` column (the β the rows' rewards were computed at), or an empty
+    set when the dataset has no such column. A streamed dataset is read from its first row only."""
+    columns = dataset.column_names or []
+    if TOKEN_REWARDS_BETA_COLUMN not in columns:
+        return set()
+    if not isinstance(dataset, Dataset):
+        first = next(iter(dataset))[TOKEN_REWARDS_BETA_COLUMN]
+        return set() if first is None else {float(first)}
+    values = dataset.data.column(TOKEN_REWARDS_BETA_COLUMN)
+    return {float(value) for value in pc.unique(values).to_pylist() if value is not None}
 
 
 def check_token_rewards_beta(dataset_or_path, beta: float, dataset_name: str) -> None:
     """Refuse token rewards computed at another β than training's: r̂ = β_s·Δ stored at β_s and trained at β act as
-    `alpha · β_s / β`, a silently different guidance strength. Silent when no info file is found."""
+    `alpha · β_s / β`, a silently different guidance strength. β is read from the rows (`token_rewards_beta`, which
+    `compute_token_rewards.py` writes into every row, so that it travels with the data in any format and through any
+    loader) and from the info file beside the data; the info file must also describe the data beside it
+    ([`token_rewards_info_problems`]). Silent when neither is found (rewards computed by other code)."""
     found = find_token_rewards_info(dataset_or_path)
-    if found is None or found[1].get("beta") is None:
-        return
-    info_path, info = found
-    if not math.isclose(float(info["beta"]), float(beta), rel_tol=1e-9):
+    if found is not None:
+        info_path, info = found
+        problems = token_rewards_info_problems(info_path, info, dataset_or_path)
+        if problems:
+            raise ValueError(
+                f"The token rewards of the {dataset_name} dataset do not match their info file {info_path}: "
+                f"{'; '.join(problems)}. The data and the info were not written together (e.g. "
+                "`compute_token_rewards.py` was stopped while it wrote them, or a file was changed or copied since). "
+                "Run `scripts/compute_token_rewards.py` again to write both."
+            )
+        sources = [(info.get("beta"), info_path)]
+    else:
+        sources = []
+    if not isinstance(dataset_or_path, (str, os.PathLike)):
+        sources += [
+            (value, f"the `{TOKEN_REWARDS_BETA_COLUMN}` column") for value in sorted(data_betas(dataset_or_path))
+        ]
+    for stored, where in sources:
+        if stored is None or math.isclose(float(stored), float(beta), rel_tol=1e-6):
+            continue
         raise ValueError(
-            f"The token rewards of the {dataset_name} dataset were computed at beta={info['beta']} ({info_path}), but "
+            f"The token rewards of the {dataset_name} dataset were computed at beta={stored} ({where}), but "
             f"training uses beta={beta}. The stored values are r̂ = beta·(log π_guide − log π_ref) at the script's "
-            f"beta, so training at another beta would act as alpha·{info['beta']}/{beta}. Train with "
-            f"`beta={info['beta']}`, or recompute the rewards with `scripts/compute_token_rewards.py --beta {beta}`."
+            f"beta, so training at another beta would act as alpha·{stored}/{beta}. Train with `beta={stored}`, or "
+            f"recompute the rewards with `scripts/compute_token_rewards.py --beta {beta}`."
         )
