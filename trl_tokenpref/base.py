@@ -25,7 +25,7 @@ from peft.utils import AuxiliaryTrainingWrapper
 from transformers import AutoProcessor, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from . import checks, precompute
+from . import checks, launch_checks, precompute
 from ._compat import disable_gradient_checkpointing, precompute_model_hash, precompute_reference_model, use_adapter
 from ._logging import get_logger
 from .checkpoints import TrainingGuardMixin
@@ -300,6 +300,8 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
                 f"`args` must be a `{self._config_class.__name__}`, got `{type(args).__name__}`. Build it with "
                 f"`{self._config_class.__name__}(...)`: it accepts every `DPOConfig` argument."
             )
+        # Before anything is loaded or precomputed: the processes and the precision the launcher asked for
+        launch_checks.check_launch(args)
         checks.check_lm_head_not_quantized(model)
         # A local folder by its absolute path: the saved adapter's `base_model_name_or_path` and the model card name it,
         # and a relative one would not load from another directory
@@ -338,6 +340,7 @@ class TokenLevelDPOTrainer(TrainingGuardMixin, DPOTrainer):
         finally:
             args.padding_free = self._padding_free
         self.padding_free = self._padding_free
+        launch_checks.check_accelerator(self.accelerator, self.args)
         checks.check_lm_head_not_quantized(self.model)
         checks.check_lm_head_supported(self.model)
         eval_datasets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}

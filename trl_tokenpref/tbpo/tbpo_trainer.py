@@ -356,13 +356,19 @@ class TBPOTrainer(TokenLevelDPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
+        if self.is_deepspeed_enabled:
+            # `train` does not call `_load_from_checkpoint` under DeepSpeed (the engine loads the model's own
+            # checkpoint), so the head is restored here, on that path only (tests/test_deepspeed.py)
+            self._load_baseline_head(checkpoint)
         if self.baseline_optimizer is None or checkpoint is None:
             return
         path = os.path.join(checkpoint, BASELINE_OPTIMIZER_NAME)
         if not os.path.isfile(path):
             logger.warning(f"No TBPO-Q baseline optimizer state ({BASELINE_OPTIMIZER_NAME}) in {checkpoint}.")
             return
-        state_dict = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        # Read on the CPU: `load_state_dict` moves each state to its parameter's device. (DeepSpeed's CPU accelerator
+        # names the device `cpu:0`, a location `torch.load` cannot restore to.)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
         self.baseline_optimizer.load_state_dict(state_dict)
 
     def _load_best_model(self) -> None:
