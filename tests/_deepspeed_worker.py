@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from datasets import load_from_disk
 from peft import LoraConfig, PeftModel
+from testing_utils import fast_args
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -109,22 +110,6 @@ def load_float64(path: str):
 def build_trainer(case: str, paths: argparse.Namespace, output_dir: Path, callbacks=(), **overrides):
     """The case's trainer on float64 model objects, with `GLOBAL_BATCH` pairs per micro-batch over all ranks."""
     trainer_class, config_class, config, peft = CASES[case]
-    fields = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=GLOBAL_BATCH // world_size(),
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        activation_checkpointing=False,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        **config,
-    )
-    fields.update(overrides)
     extra = {}
     if trainer_class is TGDPOTrainer:
         extra["guidance_model"] = load_float64(paths.guidance)
@@ -136,7 +121,10 @@ def build_trainer(case: str, paths: argparse.Namespace, output_dir: Path, callba
         # An explicit reference: the policy was moved away from it, so that ρ_t, the KL and its gradient are not 0
         extra["ref_model"] = load_float64(paths.reference)
     policy = load_float64(paths.policy)
-    args = config_class(**fields)
+    # After the models are loaded (the arguments set the DeepSpeed config that `load_float64` unsets): the tests'
+    # tiny-run settings (fast_args), a larger learning rate for the one-step comparisons
+    settings = {"per_device_train_batch_size": GLOBAL_BATCH // world_size(), "learning_rate": 1e-2}
+    args = fast_args(output_dir, config_class, **{**settings, **config, **overrides})
     set_seed(0)
     trainer = trainer_class(
         model=policy,
