@@ -84,12 +84,22 @@ _ORIGINAL_ADDMM = None
 
 def patch() -> None:
     """Route bf16 CPU linear layers (`torch.nn.functional.linear`, which `nn.Linear` calls) and the fused pass's
-    gradient product through TN products. For this process only; call before building the model."""
+    gradient product through TN products. For this process only (`unpatch` undoes it); call before the first step."""
     global _ORIGINAL_ADDMM
     from trl_tokenpref.token_stats import fused
 
     if _ORIGINAL_ADDMM is None:
         _ORIGINAL_ADDMM = fused._addmm_fp32_
     fused._addmm_fp32_ = _addmm_fp32_tn
-    F.linear = _linear
     torch.nn.functional.linear = _linear
+
+
+def unpatch() -> None:
+    """Undo [`patch`]."""
+    global _ORIGINAL_ADDMM
+    from trl_tokenpref.token_stats import fused
+
+    if _ORIGINAL_ADDMM is not None:
+        fused._addmm_fp32_ = _ORIGINAL_ADDMM
+        _ORIGINAL_ADDMM = None
+    torch.nn.functional.linear = _ORIGINAL_LINEAR

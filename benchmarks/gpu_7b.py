@@ -8,22 +8,35 @@ bitsandbytes is installed) at sequence length 1024, reporting tokens/s and peak 
     python benchmarks/gpu_7b.py --model random:llama3-8b
     # check the plan, the arguments, the tokenizer and the data without a GPU and without loading the model
     python benchmarks/gpu_7b.py --model PATH_OR_ID --dry-run
+    # without a GPU: Llama-3-8B's shapes cut to 2 layers (vocabulary 128,256, hidden 4,096; 3 GB in bf16), on CPU
+    python benchmarks/gpu_7b.py --model random:llama3-8b-2l --allow-cpu --dtype bfloat16 --modes lora \
+        --configs dpo tdpo2 tdpo2-cached --seq 64 --pairs 1 --warmup 1 --steps 1 --no-write
 
 Every configuration runs in its own process (LoRA and QLoRA, then each trainer), one after the other, on the same
 data: `--pairs` preference pairs per step whose chosen and rejected completions fill exactly `--seq` tokens (prompt
 `seq/16`), bf16, gradient checkpointing (the TRL default), LoRA r=16 on every linear layer but the LM head, the
 reference being the model with its adapter disabled. After `--warmup` steps, the median of `--steps` steps gives
 tokens/s (2 × pairs × seq tokens per step) and `torch.cuda.max_memory_allocated` (reset after the trainer is built)
-the peak memory. Ratios are against `DPOTrainer` (sigmoid) in the same mode.
+the peak memory. Ratios are against `DPOTrainer` (sigmoid) in the same mode. The LM-head pass of every step (its
+forward, its backward and, for our trainers, their tile loops) is also measured on its own (`phases` in the JSON,
+`_memory.PhasePeakMemory`): the peak above the memory once the trainer is built, and the largest rise within the phase.
 
-Configurations: `dpo` (TRL's `DPOTrainer`, its fused LM head at TRL's GPU tiles), `tdpo1`, `tdpo2`, `tdpo2-naive`
+Configurations: `dpo` (TRL's `DPOTrainer`, its fused LM head at TRL's GPU tiles), `tdpo1`, `tdpo2`, `tdpo2-cached`
+(TDPO2 with the reference cache, `precompute_ref_log_probs=True`, precomputed at init), `tdpo2-naive`
 (full `[rows, L, V]` logits for both models, as the official TDPO code: expect it to need far more memory, or to run
 out of it), `tgdpo-fly` (a guidance model, `--guidance-model`, defaults to a second copy of `--model`), `tgdpo-pre`
 (token rewards precomputed first with `scripts/compute_token_rewards.py`), `tbpo-a`, `tbpo-q`.
 
 The results are printed, saved to `benchmarks/results/gpu-<timestamp>.json`, and written into `docs/benchmarks.md`
-between the `gpu_7b` markers (with the GPU's name, the CUDA and library versions). `--allow-cpu --model <tiny model>`
-runs the same code path on CPU (memory is then the peak RSS), to test this script without a GPU.
+between the `gpu_7b` markers (with the GPU's name, the CUDA and library versions).
+
+`--allow-cpu` runs the same code path on CPU, where memory is the process's resident set (its rise over the resident set
+once the trainer is built is `delta_gb`). The model is loaded in float32 there unless `--dtype bfloat16` (bf16 weights
+and bf16 autocast, as on GPU). On CPU the weights are first copied out of the checkpoint's memory map (transformers
+otherwise hands out views of the file, which enter the resident set only when the first step reads them), and, in
+bf16 on a CPU without AVX-512, the products that PyTorch runs 50-80x slower in bf16 (both operands row-major: a
+linear layer's input gradient, the fused pass's hidden-state gradient) are taken in the fast layout instead
+(`_cpu_bf16_gemm.py`; `--no-cpu-gemm-patch` to keep them).
 """
 
 import argparse
@@ -521,7 +534,8 @@ def main(argv=None):
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     parser.add_argument("--work-dir", default=str(REPO / "outputs" / "bench-gpu"))
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--no-write", action="store_true", help="print the table only (the JSON is still saved)")
+    parser.add_argument("--results-dir", default=str(BENCH_DIR / "results"), help="where the raw JSON goes")
     parser.add_argument("--dry-run", action="store_true", help="check arguments, tokenizer and data; run nothing")
     parser.add_argument("--allow-cpu", action="store_true", help="run on CPU (memory is then the resident set)")
     parser.add_argument(
@@ -613,9 +627,11 @@ def main(argv=None):
         "steps": args.steps,
         "warmup": args.warmup,
         "gradient_checkpointing": args.gradient_checkpointing,
+        # glibc: with a fixed threshold, freed blocks above it go back to the OS at once (CPU memory = live tensors)
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
-    results_dir = BENCH_DIR / "results"
-    results_dir.mkdir(exist_ok=True)
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     (results_dir / f"gpu-{stamp}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     block = render(meta, results)
