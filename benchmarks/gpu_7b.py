@@ -34,7 +34,7 @@ between the `gpu_7b` markers (with the GPU's name, the CUDA and library versions
 once the trainer is built is `delta_gb`). The model is loaded in float32 there unless `--dtype bfloat16` (bf16 weights
 and bf16 autocast, as on GPU). On CPU the weights are first copied out of the checkpoint's memory map (transformers
 otherwise hands out views of the file, which enter the resident set only when the first step reads them), and, in
-bf16 on a CPU without AVX-512, the products that PyTorch runs 50-80x slower in bf16 (both operands row-major: a
+bf16 on a CPU without AVX-512, the products that PyTorch runs 30-80x slower in bf16 (both operands row-major: a
 linear layer's input gradient, the fused pass's hidden-state gradient) are taken in the fast layout instead
 (`_cpu_bf16_gemm.py`; `--no-cpu-gemm-patch` to keep them).
 """
