@@ -8,22 +8,35 @@ bitsandbytes is installed) at sequence length 1024, reporting tokens/s and peak 
     python benchmarks/gpu_7b.py --model random:llama3-8b
     # check the plan, the arguments, the tokenizer and the data without a GPU and without loading the model
     python benchmarks/gpu_7b.py --model PATH_OR_ID --dry-run
+    # without a GPU: Llama-3-8B's shapes cut to 2 layers (vocabulary 128,256, hidden 4,096; 3 GB in bf16), on CPU
+    python benchmarks/gpu_7b.py --model random:llama3-8b-2l --allow-cpu --dtype bfloat16 --modes lora \
+        --configs dpo tdpo2 tdpo2-cached --seq 64 --pairs 1 --warmup 1 --steps 1 --no-write
 
 Every configuration runs in its own process (LoRA and QLoRA, then each trainer), one after the other, on the same
 data: `--pairs` preference pairs per step whose chosen and rejected completions fill exactly `--seq` tokens (prompt
 `seq/16`), bf16, gradient checkpointing (the TRL default), LoRA r=16 on every linear layer but the LM head, the
 reference being the model with its adapter disabled. After `--warmup` steps, the median of `--steps` steps gives
 tokens/s (2 × pairs × seq tokens per step) and `torch.cuda.max_memory_allocated` (reset after the trainer is built)
-the peak memory. Ratios are against `DPOTrainer` (sigmoid) in the same mode.
+the peak memory. Ratios are against `DPOTrainer` (sigmoid) in the same mode. The LM-head pass of every step (its
+forward, its backward and, for our trainers, their tile loops) is also measured on its own (`phases` in the JSON,
+`_memory.PhasePeakMemory`): the peak above the memory once the trainer is built, and the largest rise within the phase.
 
-Configurations: `dpo` (TRL's `DPOTrainer`, its fused LM head at TRL's GPU tiles), `tdpo1`, `tdpo2`, `tdpo2-naive`
+Configurations: `dpo` (TRL's `DPOTrainer`, its fused LM head at TRL's GPU tiles), `tdpo1`, `tdpo2`, `tdpo2-cached`
+(TDPO2 with the reference cache, `precompute_ref_log_probs=True`, precomputed at init), `tdpo2-naive`
 (full `[rows, L, V]` logits for both models, as the official TDPO code: expect it to need far more memory, or to run
 out of it), `tgdpo-fly` (a guidance model, `--guidance-model`, defaults to a second copy of `--model`), `tgdpo-pre`
 (token rewards precomputed first with `scripts/compute_token_rewards.py`), `tbpo-a`, `tbpo-q`.
 
 The results are printed, saved to `benchmarks/results/gpu-<timestamp>.json`, and written into `docs/benchmarks.md`
-between the `gpu_7b` markers (with the GPU's name, the CUDA and library versions). `--allow-cpu --model <tiny model>`
-runs the same code path on CPU (memory is then the peak RSS), to test this script without a GPU.
+between the `gpu_7b` markers (with the GPU's name, the CUDA and library versions).
+
+`--allow-cpu` runs the same code path on CPU, where memory is the process's resident set (its rise over the resident set
+once the trainer is built is `delta_gb`). The model is loaded in float32 there unless `--dtype bfloat16` (bf16 weights
+and bf16 autocast, as on GPU). On CPU the weights are first copied out of the checkpoint's memory map (transformers
+otherwise hands out views of the file, which enter the resident set only when the first step reads them), and, in
+bf16 on a CPU without AVX-512, the products that PyTorch runs 30-80x slower in bf16 (both operands row-major: a
+linear layer's input gradient, the fused pass's hidden-state gradient) are taken in the fast layout instead
+(`_cpu_bf16_gemm.py`; `--no-cpu-gemm-patch` to keep them).
 """
 
 import argparse
@@ -42,7 +55,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
-CONFIGS = ("dpo", "tdpo1", "tdpo2", "tdpo2-naive", "tgdpo-fly", "tgdpo-pre", "tbpo-a", "tbpo-q")
+CONFIGS = ("dpo", "tdpo1", "tdpo2", "tdpo2-cached", "tdpo2-naive", "tgdpo-fly", "tgdpo-pre", "tbpo-a", "tbpo-q")
 MODES = ("lora", "qlora")
 BEGIN, END = "<!-- gpu_7b:begin -->", "<!-- gpu_7b:end -->"
 # Shapes of randomly initialised 7B-class models (`--model random:NAME`): no download needed
@@ -52,6 +65,18 @@ RANDOM_MODELS = {
         "hidden_size": 4096,
         "intermediate_size": 14336,
         "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 500000.0,
+    },
+    # Llama-3-8B cut to 2 decoder layers: every per-layer, embedding and LM-head shape of the real model (the LM head
+    # alone is 128,256 x 4,096), 1.49 B parameters, 3.0 GB in bf16: fits a CPU machine (`--allow-cpu`, docs/
+    # memory_and_scaling.md, "The 7B path at its real sizes, on CPU")
+    "llama3-8b-2l": {
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 2,
         "num_attention_heads": 32,
         "num_key_value_heads": 8,
         "rope_theta": 500000.0,
@@ -163,6 +188,105 @@ def setup(args, model_path: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def model_dtype(name: str, on_gpu: bool):
+    """The dtype the model is loaded in: `auto` is bf16 on GPU and float32 on CPU (where bf16 matrix products are slow:
+    `_cpu_bf16_gemm.py`)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def load_weights_into_memory(model) -> None:
+    """On CPU, copy every parameter out of the checkpoint's memory map into the process's own memory.
+
+    transformers maps a safetensors checkpoint and, when the dtype matches, hands out views of the file: the weights
+    then enter the resident set only when a step first reads them (the backbone in the first forward, the LM head in
+    its first pass: 2 GB for llama3-8b-2l), and the kernel may drop those pages again under memory pressure. Copied,
+    they are resident before the measurement starts, as a GPU run's weights are on the device before its first step.
+    Tied parameters stay tied."""
+    import torch
+
+    copies = {}
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                if param.device.type != "cpu":
+                    continue
+                key = (param.data_ptr(), param.dtype, tuple(param.shape))
+                if key not in copies:
+                    copies[key] = param.data.clone()
+                param.data = copies[key]
+
+
+def _status_mb(field: str) -> float | None:
+    """A field of /proc/self/status in MB (None where unavailable)."""
+    from _memory import _status_kb
+
+    kb = _status_kb(field)
+    return None if kb is None else kb / 1024
+
+
+def instrument_lm_head(memory, config: str) -> None:
+    """Measure the LM-head pass of every step as phases of `memory` (`_memory.PhasePeakMemory`): its forward (the
+    policy's, with the reference's in the same pass for our trainers; DPO's reference forward is a second call) and its
+    backward. DPO: TRL's `ChunkedLogProbFunction`; the token-level trainers: `compute_token_stats` (whatever
+    `add_token_stats_head`'s forward calls, e.g. the naive statistics of tdpo2-naive) and `_FusedTokenStats.backward`.
+    Both are looked up at call time, so they are replaced here, in this worker process only. For our pass, its tile
+    loops (`_forward_chunk`, `_backward_chunk`) are phases of their own too."""
+    if config == "dpo":
+        import trl.trainer.utils as trl_utils
+
+        function = trl_utils._ChunkedLogProbFunction
+        trl_utils._ChunkedLogProbFunction = _PhasedFunction(function, memory)
+    else:
+        from trl_tokenpref.token_stats import fused, model_forward
+
+        forward = model_forward.compute_token_stats
+
+        def compute_token_stats(*args, **kwargs):
+            with memory.phase("lm_head_forward"):
+                return forward(*args, **kwargs)
+
+        model_forward.compute_token_stats = compute_token_stats
+        # The tile loops alone (phases nested in the pass): what the pass allocates for its tiles, apart from what it
+        # allocates before them (e.g. the mean logit's reduction over the head)
+        for name, phase in (
+            ("_forward_chunk", "lm_head_tiles_forward"),
+            ("_backward_chunk", "lm_head_tiles_backward"),
+        ):
+            setattr(fused, name, _phased(getattr(fused, name), memory, phase))
+        function = fused._FusedTokenStats
+    backward = function.backward
+
+    def phased_backward(ctx, *grads):
+        with memory.phase("lm_head_backward"):
+            return backward(ctx, *grads)
+
+    # autograd looks `backward` up on the Function class when the graph runs
+    function.backward = staticmethod(phased_backward)
+
+
+def _phased(function, memory, phase: str):
+    def phased(*args, **kwargs):
+        with memory.phase(phase):
+            return function(*args, **kwargs)
+
+    return phased
+
+
+class _PhasedFunction:
+    """An autograd Function whose `apply` is measured as the phase "lm_head_forward"."""
+
+    def __init__(self, function, memory):
+        self.function, self.memory = function, memory
+
+    def apply(self, *args, **kwargs):
+        with self.memory.phase("lm_head_forward"):
+            return self.function.apply(*args, **kwargs)
+
+
 def build_trainer(mode: str, config: str, args, paths: dict, output_dir: str):
     import torch
     from bench_trainers import _patch_naive_stats
@@ -176,7 +300,8 @@ def build_trainer(mode: str, config: str, args, paths: dict, output_dir: str):
         "json", data_files=data_file, split="train", cache_dir=str(Path(args.work_dir) / "hf-cache")
     )
     on_gpu = torch.cuda.is_available()
-    model_init_kwargs = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
+    dtype = model_dtype(args.dtype, on_gpu)
+    model_init_kwargs = {"dtype": dtype}
     if mode == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -194,7 +319,8 @@ def build_trainer(mode: str, config: str, args, paths: dict, output_dir: str):
         "per_device_train_batch_size": args.pairs,
         "learning_rate": 1e-6,
         "max_length": args.seq,
-        "bf16": on_gpu,
+        # bf16 autocast with bf16 weights, as on GPU (on CPU too when `--dtype bfloat16`)
+        "bf16": dtype == torch.bfloat16,
         "gradient_checkpointing": args.gradient_checkpointing,
         "use_cpu": not on_gpu,
         "report_to": "none",
@@ -218,7 +344,9 @@ def build_trainer(mode: str, config: str, args, paths: dict, output_dir: str):
 
         if config == "tdpo2-naive":
             _patch_naive_stats()
-        return TDPOTrainer(args=TDPOConfig(variant=config[:5], **common), **kwargs)
+        # tdpo2-cached: the reference cache (its top-k distribution per completion token, precomputed at init)
+        cached = config == "tdpo2-cached"
+        return TDPOTrainer(args=TDPOConfig(variant=config[:5], precompute_ref_log_probs=cached, **common), **kwargs)
     if config.startswith("tgdpo"):
         from trl_tokenpref.tgdpo import TGDPOConfig, TGDPOTrainer
 
@@ -237,15 +365,25 @@ def worker(args) -> dict:
     import tempfile
 
     import torch
-    from _memory import PeakMemory
+    from _memory import PhasePeakMemory
     from transformers import TrainerCallback
 
     mode, config = args.worker.split("/")
     paths = json.loads(args.paths)
     on_gpu = torch.cuda.is_available()
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    cpu_gemm_patch = not on_gpu and model_dtype(args.dtype, on_gpu) == torch.bfloat16 and args.cpu_gemm_patch
+    if cpu_gemm_patch:
+        import _cpu_bf16_gemm
+
+        _cpu_bf16_gemm.patch()
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(mode, config, args, paths, output_dir)
+        if not on_gpu:
+            load_weights_into_memory(trainer.model)
+        rss_after_build = {field: _status_mb(field) for field in ("VmRSS", "RssAnon", "RssFile")}
+        memory = PhasePeakMemory("cuda" if on_gpu else "rss")
+        instrument_lm_head(memory, config)
 
         class StepTimer(TrainerCallback):
             def __init__(self):
@@ -263,26 +401,36 @@ def worker(args) -> dict:
         trainer.add_callback(timer)
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        with PeakMemory() as rss:
+        with memory:
             trainer.train()
     times = timer.times[args.warmup :]
     step_s = statistics.median(times)
     result = {
         "mode": mode,
         "config": config,
+        "dtype": args.dtype,
+        "cpu_gemm_patch": cpu_gemm_patch,
         "step_s": step_s,
         "tokens_per_s": 2 * args.pairs * args.seq / step_s,
         "times": times,
+        # GPU: allocated memory (torch.cuda.max_memory_allocated); CPU: the process's resident set. `base`: when the
+        # trainer is built (model, adapter, data), `peak`: the highest over all steps, `delta`: peak - base
+        "peak_gb": memory.peak_rss_mb / 1024,
+        "base_gb": memory.start_rss_mb / 1024,
+        "delta_gb": memory.peak_delta_mb / 1024,
+        "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if on_gpu else None,
+        "rss_after_build_mb": rss_after_build,
+        # per phase (_memory.PhasePeakMemory; a nested phase's time counts for it only): peak above `base`, and the
+        # largest rise within one segment of the phase over the memory at the segment's start (MB)
+        "phases": {
+            name: {
+                "peak_above_base_mb": record["peak_mb"] - memory.start_rss_mb,
+                "rise_mb": record["rise_mb"],
+                "segments": record["segments"],
+            }
+            for name, record in memory.phases.items()
+        },
     }
-    if on_gpu:
-        result.update(
-            peak_gb=torch.cuda.max_memory_allocated() / 2**30,
-            peak_reserved_gb=torch.cuda.max_memory_reserved() / 2**30,
-            base_gb=base / 2**30,
-        )
-    else:
-        result.update(peak_gb=rss.peak_rss_mb / 1024, peak_reserved_gb=None, base_gb=rss.start_rss_mb / 1024)
     return result
 
 
@@ -335,23 +483,26 @@ def render(meta: dict, results: list[dict]) -> str:
         f"- Software: torch {hw['torch']}, transformers {hw['transformers']}, trl {hw['trl']}, "
         f"bitsandbytes {hw['bitsandbytes']}.",
         f"- Model: `{meta['model']}`; LoRA r={meta['lora_r']} on all linear layers (LM head excluded); "
-        f"{meta['pairs']} pair(s) × {meta['seq']} tokens per step; bf16; gradient checkpointing "
+        f"{meta['pairs']} pair(s) × {meta['seq']} tokens per step; {meta['dtype']}; gradient checkpointing "
         f"{'on' if meta['gradient_checkpointing'] else 'off'}; median of {meta['steps']} steps after {meta['warmup']}.",
         "",
-        "| mode | config | s/step | tokens/s | × DPO time | peak GiB | × DPO memory |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "peak: the highest memory of a step (GPU: allocated; CPU: resident set of the process), Δ: its rise over the "
+        "memory once the trainer is built (model, adapter, data).",
+        "",
+        "| mode | config | s/step | tokens/s | × DPO time | peak GiB | Δ GiB | × DPO memory |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     base = {r["mode"]: r for r in results if r.get("config") == "dpo" and "error" not in r}
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['config']} | failed: {r['error'][:100]} |||||")
+            lines.append(f"| {r['mode']} | {r['config']} | failed: {r['error'][:100]} ||||||")
             continue
         b = base.get(r["mode"])
         time_ratio = f"{r['step_s'] / b['step_s']:.2f}" if b else "–"
         mem_ratio = f"{r['peak_gb'] / b['peak_gb']:.2f}" if b else "–"
         lines.append(
             f"| {r['mode']} | {r['config']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {time_ratio} | "
-            f"{r['peak_gb']:.1f} | {mem_ratio} |"
+            f"{r['peak_gb']:.1f} | {r['delta_gb']:.2f} | {mem_ratio} |"
         )
     lines += ["", END]
     return "\n".join(lines)
@@ -383,9 +534,22 @@ def main(argv=None):
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     parser.add_argument("--work-dir", default=str(REPO / "outputs" / "bench-gpu"))
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--no-write", action="store_true", help="print the table only (the JSON is still saved)")
+    parser.add_argument("--results-dir", default=str(BENCH_DIR / "results"), help="where the raw JSON goes")
     parser.add_argument("--dry-run", action="store_true", help="check arguments, tokenizer and data; run nothing")
-    parser.add_argument("--allow-cpu", action="store_true", help="run on CPU (code-path test with a tiny model)")
+    parser.add_argument("--allow-cpu", action="store_true", help="run on CPU (memory is then the resident set)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float32"),
+        help="model dtype (bf16 also turns on bf16 autocast); auto: bfloat16 on GPU, float32 on CPU",
+    )
+    parser.add_argument(
+        "--no-cpu-gemm-patch",
+        dest="cpu_gemm_patch",
+        action="store_false",
+        help="on CPU in bf16, keep PyTorch's slow row-major bf16 products (_cpu_bf16_gemm.py)",
+    )
     for hidden in ("--worker", "--paths"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -431,8 +595,11 @@ def main(argv=None):
         command = [sys.executable, __file__, f"--worker={mode}/{config}", f"--paths={json.dumps(paths)}"]
         command += [f"--seq={args.seq}", f"--pairs={args.pairs}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
         command += [f"--lora-r={args.lora_r}", f"--work-dir={args.work_dir}", f"--model={args.model}"]
+        command += [f"--dtype={args.dtype}"]
         if not args.gradient_checkpointing:
             command.append("--no-gradient-checkpointing")
+        if not args.cpu_gemm_patch:
+            command.append("--no-cpu-gemm-patch")
         try:
             proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -454,14 +621,17 @@ def main(argv=None):
         "hardware": hardware(),
         "model": args.model,
         "lora_r": args.lora_r,
+        "dtype": str(model_dtype(args.dtype, torch.cuda.is_available())).removeprefix("torch."),
         "pairs": args.pairs,
         "seq": args.seq,
         "steps": args.steps,
         "warmup": args.warmup,
         "gradient_checkpointing": args.gradient_checkpointing,
+        # glibc: with a fixed threshold, freed blocks above it go back to the OS at once (CPU memory = live tensors)
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
-    results_dir = BENCH_DIR / "results"
-    results_dir.mkdir(exist_ok=True)
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     (results_dir / f"gpu-{stamp}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     block = render(meta, results)
