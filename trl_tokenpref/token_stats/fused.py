@@ -339,6 +339,16 @@ def _backward_chunk(
             grad_bias[vocab_start:vocab_end] += grad_logits.sum(dim=0, dtype=torch.float32)
 
 
+def _mean_row(weight: torch.Tensor, rows_per_block: int) -> torch.Tensor:
+    """The mean of the head's rows, in float32, summed one block of rows at a time. `weight.mean(dim=0,
+    dtype=float32)` casts the whole head to float32 first on CPU (only CUDA reduces in place): for a bf16 head of
+    128k x 4096 that copy was 2 GB, the peak of a TDPO step (measured in docs/memory_and_scaling.md)."""
+    total = torch.zeros(weight.size(1), dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.size(0), rows_per_block):
+        total += weight[start : start + rows_per_block].sum(dim=0, dtype=torch.float32)
+    return total / weight.size(0)
+
+
 class _FusedTokenStats(torch.autograd.Function):
     """Chunked per-token statistics of a policy LM head, and of a reference LM head when one is given.
 
@@ -408,9 +418,7 @@ class _FusedTokenStats(torch.autograd.Function):
         linear_mean = policy_head.softcap is None
         if linear_mean:
             mean_bias = 0.0 if bias is None else bias.float().mean()
-            mean_logits = (
-                hidden.float() @ weight.mean(dim=0, dtype=torch.float32) + mean_bias
-            ) * policy_head.logit_scale
+            mean_logits = (hidden.float() @ _mean_row(weight, vocab_tile) + mean_bias) * policy_head.logit_scale
         else:
             mean_logits = torch.empty(num_tokens, **f32)
 
