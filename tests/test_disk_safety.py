@@ -280,7 +280,8 @@ def test_a_non_finite_gradient_norm_stops_the_run(tiny_model_path, tiny_tokenize
     model.get_input_embeddings().weight.register_hook(lambda grad: grad * math.inf)
     trainer = tdpo_trainer(model, tiny_tokenizer, train_subset, tmp_path, max_steps=3)
     with pytest.raises(RuntimeError, match=r"Training stopped at step 1 .*: the gradient norm is (nan|inf) \(the loss "
-                       r"is finite\).* No checkpoint was saved before it\."):  # fmt: skip
+                       r"is finite\), and the update made [\d,]+ weights non-finite.* No checkpoint was saved "
+                       r"before it\."):  # fmt: skip
         trainer.train()
     assert not list(tmp_path.glob("checkpoint-*"))
 
@@ -292,13 +293,25 @@ def test_an_overflow_that_the_fp16_scaler_skipped_is_not_an_error():
     accelerator = SimpleNamespace(
         device=torch.device("cpu"), reduce=lambda tensor, reduction: tensor, optimizer_step_was_skipped=True
     )
+    model = torch.nn.Linear(2, 2)
     trainer = SimpleNamespace(
-        accelerator=accelerator, state=SimpleNamespace(global_step=7, epoch=0.5), _last_good_checkpoint=None
+        accelerator=accelerator,
+        state=SimpleNamespace(global_step=7, epoch=0.5),
+        _last_good_checkpoint=None,
+        model=model,
     )
     trainer._step_losses = [torch.tensor([0.69])]
     TrainingGuardMixin._check_step_is_finite(trainer, math.inf)  # skipped by the scaler: no error
     accelerator.optimizer_step_was_skipped = False
-    with pytest.raises(RuntimeError, match="step 7 .*the gradient norm is inf"):
+    # Not skipped, but the weights are finite after the update: a norm that overflowed in a 16-bit dtype while every
+    # gradient was finite (clipping by max_norm / inf zeroes the step). DPOTrainer trains on (TRL's own
+    # `test_train_model_dtype`, float16 weights at lr 0.1, hits it), so do we
+    trainer._step_losses = [torch.tensor([0.69])]
+    TrainingGuardMixin._check_step_is_finite(trainer, math.inf)
+    with torch.no_grad():
+        model.weight[0, 1] = math.nan
+    trainer._step_losses = [torch.tensor([0.69])]
+    with pytest.raises(RuntimeError, match="step 7 .*the gradient norm is inf .*made 1 weights non-finite"):
         TrainingGuardMixin._check_step_is_finite(trainer, math.inf)
     accelerator.optimizer_step_was_skipped = True
     trainer._step_losses = [torch.tensor([math.nan])]

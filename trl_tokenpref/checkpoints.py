@@ -339,6 +339,19 @@ def _count_non_finite(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())  # non-finite, or finite values whose sum overflowed
 
 
+def _non_finite_parameters(model: torch.nn.Module) -> int:
+    """The number of NaN/inf values among the parameters this process holds (its shard under ZeRO-3 or FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    count = 0
+    for param in model.parameters():
+        local = getattr(param, "ds_tensor", None)  # DeepSpeed ZeRO-3: this rank's partition
+        if local is None:
+            local = param.to_local() if isinstance(param, DTensor) else param
+        count += _count_non_finite(local.detach())
+    return count
+
+
 def safetensors_problems(path: str) -> list[str]:
     """Why the weights in this `.safetensors` file cannot be resumed from: an unreadable file (a garbled header, a
     truncated file) or non-finite values (each tensor named, with its count)."""
@@ -663,8 +676,8 @@ def non_finite_step_error(step: int, epoch: float | None, what: str, last_checkp
         resume = "No checkpoint was saved before it."
     at = f"step {step}" + (f" (epoch {epoch:.2f})" if epoch is not None else "")
     return RuntimeError(
-        f"Training stopped at {at}: {what}. Applied, it would make every weight NaN, and every later checkpoint and "
-        "the final model would be saved so; nothing of this step was logged or saved. Likely causes: a learning rate "
+        f"Training stopped at {at}: {what}. Going on would train every later step on NaN weights and save them in every "
+        "later checkpoint and the final model; nothing of this step was logged or saved. Likely causes: a learning rate "
         "too high for this model (lower `learning_rate`, add warmup, keep `max_grad_norm` > 0); float16 overflow "
         "(train in bfloat16 or float32); non-finite values in a custom collator's or dataset's inputs; or weights "
         f"that were already non-finite (the model or a checkpoint it was resumed from). {resume}"
@@ -772,7 +785,23 @@ class TrainingGuardMixin:
         elif grad_norm_value is not None and not math.isfinite(grad_norm_value):
             if accelerator.optimizer_step_was_skipped:
                 return  # fp16: the gradient scaler (or DeepSpeed's loss scaler) skipped the step and lowers its scale
-            what = f"the gradient norm is {grad_norm_value} (the loss is finite)"
+            # The step is applied by now. A norm that overflowed in a 16-bit dtype while every gradient was finite is
+            # harmless (clipping scales the gradients by max_norm / inf = 0, and DPOTrainer trains on): only weights
+            # that the update made non-finite stop the run
+            count = torch.tensor(float(_non_finite_parameters(self.model)), device=accelerator.device)
+            non_finite_weights = int(accelerator.reduce(count, reduction="sum").item())
+            if non_finite_weights == 0:
+                logger.warning(
+                    f"Step {self.state.global_step}: the gradient norm is {grad_norm_value}, but the loss and every "
+                    "weight are finite after the update (a norm that overflowed in float16/bfloat16; gradient "
+                    "clipping scaled this step's gradients to 0). Training goes on; if it recurs, lower the learning "
+                    "rate or train in bfloat16/float32."
+                )
+                return
+            what = (
+                f"the gradient norm is {grad_norm_value} (the loss is finite), and the update made "
+                f"{non_finite_weights:,} weights non-finite"
+            )
         if what is not None:
             raise non_finite_step_error(self.state.global_step, self.state.epoch, what, self._last_good_checkpoint)
 
