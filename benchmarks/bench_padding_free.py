@@ -26,7 +26,8 @@ model on the fly, TBPO-A), per number of pairs and per `max_length`:
   resident set at its start (`_memory.PeakMemory`, which resets the kernel's high-water mark before each step).
 * `--jobs 2` runs two methods at once, one per core (each still one thread, timed in CPU time).
 
-Raw results go to `benchmarks/results/<timestamp>-padding-free.json`; `--from-json FILE` rewrites the page from one.
+Raw results go to `benchmarks/results/<timestamp>-padding-free.json`; `--from-json FILE [FILE ...]` rewrites the page
+from saved runs (a cell measured again in a later file replaces the earlier one).
 """
 
 import argparse
@@ -202,7 +203,11 @@ def worker(args) -> None:
             rng = np.random.default_rng(1000 * num_pairs + max_length)
             for index in range(args.warmup + args.batches):
                 pairs = sample_pairs(rng, num_pairs, max_length, token_range)
-                inputs = {"padded": pairs, "packed": pairs, "equal": equal_length_pairs(pairs, max_length, rng, token_range)}
+                inputs = {
+                    "padded": pairs,
+                    "packed": pairs,
+                    "equal": equal_length_pairs(pairs, max_length, rng, token_range),
+                }
                 order = LAYOUTS[index % 3 :] + LAYOUTS[: index % 3]
                 for layout in order:
                     trainer = trainers[layout]
@@ -320,13 +325,39 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge_saved(runs: list[dict]) -> tuple[list[dict], dict]:
+    """The records and the description of one or more saved runs (`{"meta": ..., "records": [...]}`), in order: a
+    record of the same method, cell, layout and batch in a later run replaces the earlier one, so an interrupted sweep
+    can be completed by measuring its missing cells again."""
+    merged = {}
+    for run_ in runs:
+        for record in run_["records"]:
+            key = tuple(record[field] for field in ("method", "pairs", "max_length", "layout", "batch"))
+            merged[key] = record
+    metas = [run_["meta"] for run_ in runs]
+    if len(metas) == 1:
+        return list(merged.values()), metas[0]
+    minutes = [meta.get("minutes") for meta in metas]
+    meta = {
+        "date": max(meta["date"] for meta in metas),
+        "machine": metas[-1]["machine"],
+        "command": "` + `".join(meta["command"] for meta in metas),
+        "minutes": None if None in minutes else sum(minutes),
+        "batches": metas[-1]["batches"],
+        "warmup": metas[-1]["warmup"],
+        "json": "`, `".join(meta["json"] for meta in metas),
+    }
+    return list(merged.values()), meta
+
+
 def write_block(rows: list[dict], meta: dict, doc: Path) -> None:
     begin, end = BLOCK
     block = "\n".join([
         begin,
-        f"Measured {meta['date']} on {meta['machine']}: `{meta['command']}` ({meta['minutes']:.0f} min, "
-        f"{meta['batches']} batches per cell after {meta['warmup']} warm-up; medians of per-batch ratios, CPU time of "
-        "one thread). Raw results: `" + meta["json"] + "`.",
+        f"Measured {meta['date']} on {meta['machine']}: `{meta['command']}` ("
+        + (f"{meta['minutes']:.0f} min, " if meta.get("minutes") is not None else "")
+        + f"{meta['batches']} batches per cell after {meta['warmup']} warm-up; medians of per-batch ratios, CPU time "
+        "of one thread). Raw results: `" + meta["json"] + "`.",
         "",
         table(rows),
         end,
@@ -349,7 +380,10 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="methods measured at once (one core each)")
     parser.add_argument("--quick", action="store_true", help="small model, 2 pairs x 256, 1 batch; writes nothing")
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--from-json", help="rewrite the page from a saved run")
+    parser.add_argument(
+        "--from-json", nargs="+", metavar="FILE",
+        help="rewrite the page from saved runs; with several, a cell measured again in a later file replaces the earlier",
+    )  # fmt: skip
     parser.add_argument("--work-dir", default=str(REPO / "outputs" / "bench"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("--method", "--model", "--guidance", "--output"):
@@ -361,8 +395,7 @@ def main(argv=None) -> None:
         args.pairs, args.max_lengths, args.batches, args.no_write = [2], [256], 1, True
 
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        records, meta = saved["records"], saved["meta"]
+        records, meta = merge_saved([json.loads(Path(path).read_text()) for path in args.from_json])
     else:
         started = time.perf_counter()
         records = run(args)

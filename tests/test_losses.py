@@ -642,7 +642,9 @@ def test_tbpo_appending_to_longer_response_changes_nothing():
         [chosen[0] + [7.0, -3.0], chosen[1]] + [rejected[0], rejected[1] + [5.0]], "right"
     )
     out = tbpo_loss(*aligned_by_completion_index(values, mask), beta=0.1, generator="sba", generator_lambda=0.5)
-    longer = tbpo_loss(*aligned_by_completion_index(longer_values, longer_mask), beta=0.1, generator="sba", generator_lambda=0.5)
+    longer = tbpo_loss(
+        *aligned_by_completion_index(longer_values, longer_mask), beta=0.1, generator="sba", generator_lambda=0.5
+    )
     assert_close(longer.losses, out.losses)
     (g,), (g_longer,) = _grads(out.losses, values), _grads(longer.losses, longer_values)
     assert_close(g_longer[mask], g[mask])
