@@ -70,6 +70,7 @@ def test_summary_takes_medians_of_per_batch_ratios_and_drops_incomplete_batches(
     assert row["speedup"] == pytest.approx((2.0 + 3.0) / 2)  # the median of the ratios, not the ratio of medians
     assert row["speedup_spread"] == (2.0, 3.0)
     assert row["over_bound"] == pytest.approx((1.0 + 2.0) / 2)
+    assert row["bound_speedup"] == pytest.approx((2.0 + 6.0) / 2)
     assert row["memory"] == pytest.approx((0.5 + 1 / 3) / 2)
     assert "**2.50×** (2.00–3.00)" in bench.table([row])
 
