@@ -81,8 +81,8 @@ takes a local `.json`/`.jsonl`/`.parquet` file, a directory of such files (e.g. 
 and a recipe key that no argument has is named in a warning.
 
 A run holds its `output_dir`: a second run into it (a job submitted twice) stops at once, naming the first (host,
-process, start time). A non-finite loss or gradient norm stops the run at its step, naming the last checkpoint,
-before anything non-finite is logged or saved (docs/architecture.md, "What a run leaves on disk").
+process, start time). A non-finite loss, or an update that made weights non-finite, stops the run at
+its step, naming the last checkpoint, before anything non-finite is logged or saved (docs/architecture.md, "What a run leaves on disk").
 """
 
 import argparse

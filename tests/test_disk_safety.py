@@ -16,6 +16,7 @@ met:
   computed again; the temporary files of a killed precompute are removed.
 """
 
+import functools
 import importlib.util
 import json
 import logging
@@ -286,6 +287,39 @@ def test_a_non_finite_gradient_norm_stops_the_run(tiny_model_path, tiny_tokenize
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
+class NaNWeightAfterStep(TrainerCallback):
+    """Writes NaN into one weight at the end of step `step`, after its update and before it is saved: an update that
+    overflowed although the step's loss and gradient norm were finite."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.get_output_embeddings().weight[0, 0] = math.nan
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "save_steps", "max_grad_norm", "saved"),
+    [(4, 2, 1.0, "a checkpoint"), (2, 10, 1.0, "the final model"), (4, 2, 0.0, "a checkpoint, without a norm")],
+)
+def test_weights_an_update_made_non_finite_are_never_saved(
+    tiny_model_path, tiny_tokenizer, train_subset, tmp_path, max_steps, save_steps, max_grad_norm, saved
+):
+    """Before: step 2's loss and gradient norm were finite, so its checkpoint (or, at the last step, the final model)
+    was saved with the NaN weight; the next step's NaN loss then named that checkpoint as the one to resume from."""
+    trainer = tdpo_trainer(
+        tiny_model_path, tiny_tokenizer, train_subset, tmp_path, max_steps=max_steps, save_steps=save_steps,
+        max_grad_norm=max_grad_norm,
+    )  # fmt: skip
+    trainer.add_callback(NaNWeightAfterStep(2))
+    with pytest.raises(RuntimeError, match=r"Training stopped at step 2 .*: the update made 1 weights non-finite "
+                       r"\(the loss (and the gradient norm were|was) finite\)\..* No checkpoint was saved before it\."):  # fmt: skip
+        trainer.train()
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
 def test_an_overflow_that_the_fp16_scaler_skipped_is_not_an_error():
     """fp16 mixed precision: an overflowing gradient is how the loss scaler (torch's or DeepSpeed's) learns to lower
     its scale; the step is skipped, the weights are untouched. A non-finite loss is still an error (a forward overflow
@@ -296,10 +330,13 @@ def test_an_overflow_that_the_fp16_scaler_skipped_is_not_an_error():
     model = torch.nn.Linear(2, 2)
     trainer = SimpleNamespace(
         accelerator=accelerator,
-        state=SimpleNamespace(global_step=7, epoch=0.5),
+        state=SimpleNamespace(global_step=7, epoch=0.5, max_steps=100),
+        control=SimpleNamespace(should_save=False, should_training_stop=False),
         _last_good_checkpoint=None,
         model=model,
     )
+    for method in ("_count_non_finite_weights", "_is_last_step"):
+        setattr(trainer, method, functools.partial(getattr(TrainingGuardMixin, method), trainer))
     trainer._step_losses = [torch.tensor([0.69])]
     TrainingGuardMixin._check_step_is_finite(trainer, math.inf)  # skipped by the scaler: no error
     accelerator.optimizer_step_was_skipped = False

@@ -15,9 +15,13 @@ theirs through `cli.py`), for `trainer.train(resume_from_checkpoint=...)` in a u
   newest checkpoint that passes, with a warning naming what is wrong with each newer one ([`resolve_checkpoint`]); an
   explicit path that fails is an error naming the files. A checkpoint is verified once per process (the scripts
   check before loading, the trainer again at `train`: the second check is free).
-* **A non-finite loss or gradient norm stops the run** at the step it appears, before that step is logged or saved,
-  with the step, the likely causes and the last checkpoint saved ([`non_finite_step_error`]). `Trainer`'s
-  `logging_nan_inf_filter` would otherwise log such a loss as the average of the others (0.0 when every step of the
+* **A non-finite step stops the run** at the step it appears, before that step is logged or saved, with the step,
+  the likely causes and the last checkpoint saved ([`non_finite_step_error`]): a non-finite loss; a non-finite
+  gradient norm whose update made weights non-finite; weights made non-finite by an update whose loss and gradient
+  norm were finite (checked before every save and at the last step, so no checkpoint or final model holds them). A
+  gradient norm that overflowed in a 16-bit dtype while the loss and every weight stay finite after the update
+  (gradient clipping then scales the step to 0) is a warning, and training goes on, as in `DPOTrainer`. Without the
+  stop, `Trainer`'s `logging_nan_inf_filter` would log a NaN loss as the average of the others (0.0 when every step of the
   logging window is NaN), and every later checkpoint and the final model would hold NaN weights. Under fp16 mixed
   precision, an overflowing gradient whose step the loss scaler skipped (`accelerator.optimizer_step_was_skipped`:
   torch's `GradScaler` or DeepSpeed's) is the scaler's normal work, not an error: the weights did not change.
@@ -788,8 +792,7 @@ class TrainingGuardMixin:
             # The step is applied by now. A norm that overflowed in a 16-bit dtype while every gradient was finite is
             # harmless (clipping scales the gradients by max_norm / inf = 0, and DPOTrainer trains on): only weights
             # that the update made non-finite stop the run
-            count = torch.tensor(float(_non_finite_parameters(self.model)), device=accelerator.device)
-            non_finite_weights = int(accelerator.reduce(count, reduction="sum").item())
+            non_finite_weights = self._count_non_finite_weights()
             if non_finite_weights == 0:
                 logger.warning(
                     f"Step {self.state.global_step}: the gradient norm is {grad_norm_value}, but the loss and every "
@@ -802,8 +805,25 @@ class TrainingGuardMixin:
                 f"the gradient norm is {grad_norm_value} (the loss is finite), and the update made "
                 f"{non_finite_weights:,} weights non-finite"
             )
+        elif self.control.should_save or self.control.should_training_stop or self._is_last_step():
+            # A finite loss and gradient norm can still come with an update that made weights non-finite (a learning
+            # rate far too high, or `max_grad_norm=0`, which computes no norm): checked before a checkpoint or the
+            # final model is saved, one pass over the weights per save
+            non_finite_weights = self._count_non_finite_weights()
+            if non_finite_weights:
+                what = f"the update made {non_finite_weights:,} weights non-finite (the loss" + (
+                    " and the gradient norm were finite)" if grad_norm_value is not None else " was finite)"
+                )
         if what is not None:
             raise non_finite_step_error(self.state.global_step, self.state.epoch, what, self._last_good_checkpoint)
+
+    def _count_non_finite_weights(self) -> int:
+        """NaN/inf weights over every process (each counts the shard it holds)."""
+        count = torch.tensor(float(_non_finite_parameters(self.model)), device=self.accelerator.device)
+        return int(self.accelerator.reduce(count, reduction="sum").item())
+
+    def _is_last_step(self) -> bool:
+        return self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps
 
     def _save_checkpoint(self, model, trial):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
