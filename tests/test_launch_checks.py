@@ -50,6 +50,7 @@ def test_one_process_where_the_launcher_was_asked_for_several_warns(make_trainer
     warning = launch_warnings(caplog)
     assert "This run has ONE process, although `accelerate launch` was asked for several" in warning
     assert "--multi_gpu --num_processes N" in warning and "torchrun --nproc_per_node N" in warning
+    assert "[RANK" not in warning  # one process: accelerate's rank prefix would say nothing
 
 
 def test_fsdp_asked_for_but_not_enabled_warns(make_trainer, monkeypatch, tmp_path, caplog):

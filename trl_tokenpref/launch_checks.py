@@ -25,8 +25,9 @@ with the two ways to make them agree.
 
 import os
 
-from accelerate.logging import get_logger
 from accelerate.utils import DistributedType
+
+from ._logging import get_logger
 
 
 logger = get_logger(__name__)

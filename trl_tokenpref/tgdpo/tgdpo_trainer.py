@@ -213,7 +213,7 @@ class TGDPOTrainer(TokenLevelDPOTrainer):
                 "`scripts/compute_token_rewards.py --guidance_model ... --ref_model ...`."
             )
         if has_rewards:
-            check_token_rewards_beta(dataset, args.beta, dataset_name)  # from the info file beside the data, if any
+            check_token_rewards_beta(dataset, args.beta, dataset_name)  # β from the rows and the info file
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _check_tokenized_dataset(self, dataset: Dataset, dataset_name: str, args) -> None:
