@@ -411,6 +411,28 @@ def test_matches_trl_chunked_kernels(vocab_tile):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("hidden_size", [4096, 3000])
+def test_mean_row_sums_blocks_of_a_tile_without_a_float32_copy_of_the_head(hidden_size):
+    """The mean logit's row mean (docs/memory_and_scaling.md, "The 7B path"): blocks of at most one CPU tile's
+    elements (512 rows at H = 4096, a last partial block here), float32 accumulation, the float64 mean's value."""
+    weight = torch.randn(1300, hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) + 0.5
+    blocks = []
+    original_sum = torch.Tensor.sum
+
+    def recording_sum(tensor, *args, **kwargs):
+        blocks.append(tensor.size(0))
+        return original_sum(tensor, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "sum", recording_sum)
+        mean = fused_kernel._mean_row(weight)
+    rows = fused_kernel.CPU_TILE_ELEMENTS // hidden_size
+    assert blocks == [rows] * (1300 // rows) + [1300 % rows]
+    assert mean.dtype == torch.float32
+    # float32 sums of 1300 bf16 values: a few float32 roundings of the running sum
+    assert_close(mean.double(), weight.double().mean(dim=0), rtol=1e-6, atol=1e-6)
+
+
 def test_default_token_chunk_size():
     # CPU: a tile of about CPU_TILE_ELEMENTS elements, CPU_VOCAB_TILE columns wide (or the whole, smaller, vocabulary)
     assert default_token_chunk_size(32000, "cpu") == CPU_TILE_ELEMENTS // CPU_VOCAB_TILE

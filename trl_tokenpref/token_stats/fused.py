@@ -339,10 +339,15 @@ def _backward_chunk(
             grad_bias[vocab_start:vocab_end] += grad_logits.sum(dim=0, dtype=torch.float32)
 
 
-def _mean_row(weight: torch.Tensor, rows_per_block: int) -> torch.Tensor:
+def _mean_row(weight: torch.Tensor) -> torch.Tensor:
     """The mean of the head's rows, in float32, summed one block of rows at a time. `weight.mean(dim=0,
     dtype=float32)` casts the whole head to float32 first on CPU (only CUDA reduces in place): for a bf16 head of
-    128k x 4096 that copy was 2 GB, the peak of a TDPO step (measured in docs/memory_and_scaling.md)."""
+    128k x 4096 that copy was 2 GB, the peak of a TDPO step (measured in docs/memory_and_scaling.md). A block holds
+    at most a CPU tile's elements (8 MiB in float32, as the tile buffers); CUDA sums the whole head at once."""
+    if weight.device.type == "cuda":
+        rows_per_block = weight.size(0)
+    else:
+        rows_per_block = max(1, CPU_TILE_ELEMENTS // weight.size(1))
     total = torch.zeros(weight.size(1), dtype=torch.float32, device=weight.device)
     for start in range(0, weight.size(0), rows_per_block):
         total += weight[start : start + rows_per_block].sum(dim=0, dtype=torch.float32)
@@ -418,7 +423,7 @@ class _FusedTokenStats(torch.autograd.Function):
         linear_mean = policy_head.softcap is None
         if linear_mean:
             mean_bias = 0.0 if bias is None else bias.float().mean()
-            mean_logits = (hidden.float() @ _mean_row(weight, vocab_tile) + mean_bias) * policy_head.logit_scale
+            mean_logits = (hidden.float() @ _mean_row(weight) + mean_bias) * policy_head.logit_scale
         else:
             mean_logits = torch.empty(num_tokens, **f32)
 
