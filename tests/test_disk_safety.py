@@ -320,7 +320,7 @@ def test_weights_an_update_made_non_finite_are_never_saved(
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
-def test_an_overflow_that_the_fp16_scaler_skipped_is_not_an_error():
+def test_an_overflow_that_the_fp16_scaler_skipped_is_not_an_error(caplog):
     """fp16 mixed precision: an overflowing gradient is how the loss scaler (torch's or DeepSpeed's) learns to lower
     its scale; the step is skipped, the weights are untouched. A non-finite loss is still an error (a forward overflow
     does not go away with a lower scale)."""
@@ -344,7 +344,10 @@ def test_an_overflow_that_the_fp16_scaler_skipped_is_not_an_error():
     # gradient was finite (clipping by max_norm / inf zeroes the step). DPOTrainer trains on (TRL's own
     # `test_train_model_dtype`, float16 weights at lr 0.1, hits it), so do we
     trainer._step_losses = [torch.tensor([0.69])]
-    TrainingGuardMixin._check_step_is_finite(trainer, math.inf)
+    with caplog.at_level(logging.WARNING):
+        TrainingGuardMixin._check_step_is_finite(trainer, math.inf)
+    assert "Step 7: the gradient norm is inf, but the loss and every weight are finite after the update" in caplog.text
+    assert "Training goes on; if it recurs, lower the learning rate or train in bfloat16/float32." in caplog.text
     with torch.no_grad():
         model.weight[0, 1] = math.nan
     trainer._step_losses = [torch.tensor([0.69])]
