@@ -540,6 +540,33 @@ def test_a_saved_adapter_loads_from_another_directory_and_its_card_names_the_bas
     assert reloaded.peft_config["default"].base_model_name_or_path == str(model.resolve())
 
 
+def test_a_model_loaded_from_a_relative_folder_saves_an_adapter_that_loads_anywhere(assets, tmp_path, monkeypatch):
+    """The Python API with a model object: `from_pretrained("./tiny-model")` keeps the relative path as its
+    `name_or_path`, which PEFT stored as the adapter's base."""
+    from datasets import load_dataset
+    from peft import AutoPeftModelForCausalLM, LoraConfig
+    from testing_utils import fast_args
+    from transformers import AutoModelForCausalLM
+
+    from trl_tokenpref import TDPOConfig, TDPOTrainer
+
+    model_dir = Path(assets["model"])
+    monkeypatch.chdir(model_dir.parent)
+    model = AutoModelForCausalLM.from_pretrained(f"./{model_dir.name}")
+    args = fast_args(tmp_path / "adapter", TDPOConfig, max_steps=1)
+    dataset = load_dataset("json", data_files=str(Path(assets["data"]) / "train.jsonl"), split="train").select(
+        range(4)
+    )
+    trainer = TDPOTrainer(model=model, args=args, train_dataset=dataset,
+                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    assert model.config.name_or_path == model.name_or_path == str(model_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+    assert reloaded.peft_config["default"].base_model_name_or_path == str(model_dir.resolve())
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # A fresh run into an output_dir that holds checkpoints
 # ------------------------------------------------------------------------------------------------------------------

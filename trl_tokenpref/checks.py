@@ -312,12 +312,20 @@ def missing_local_path(path: str, repo_type: str = "model", cache_dir: str | Non
     return None
 
 
-def absolute_if_local(path):
-    """`path` made absolute when it names an existing local folder (what it is then saved as, e.g. an adapter's
-    `base_model_name_or_path`, loads from any directory); anything else (a Hub id, a loaded model) unchanged."""
-    if isinstance(path, (str, os.PathLike)) and os.path.isdir(os.path.expanduser(path)):
-        return os.path.abspath(os.path.expanduser(path))
-    return path
+def absolute_if_local(model):
+    """A model named by a local folder, by the folder's absolute path: what it is saved as (an adapter's
+    `base_model_name_or_path`, the model card's base) then loads from any directory. A path is returned absolute; a
+    loaded model whose `name_or_path` is a relative local folder gets it absolute in its config (the same folder).
+    Anything else (a Hub id, a model built from a config) is unchanged."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.path.abspath(os.path.expanduser(model)) if os.path.isdir(os.path.expanduser(model)) else model
+    config = getattr(model, "config", None)
+    name = getattr(config, "name_or_path", None)
+    if isinstance(name, str) and name and not os.path.isabs(name) and os.path.isdir(name):
+        config.name_or_path = os.path.abspath(name)
+        if isinstance(getattr(model, "name_or_path", None), str):  # the copy PEFT reads for the adapter's base
+            model.name_or_path = config.name_or_path
+    return model
 
 
 def check_local_path(name: str, what: str, repo_type: str = "model") -> None:
