@@ -320,6 +320,30 @@ def test_weights_an_update_made_non_finite_are_never_saved(
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
+def test_non_finite_weights_are_counted_in_blocks_without_a_float32_copy_of_a_tensor():
+    """Off CUDA a float32 sum casts its whole input first: over a bf16 LM head of Llama-3-8B's size that was a 2 GB
+    transient at every check (measured, docs/memory_and_scaling.md). Blocks of 2**21 elements, and the exact count."""
+    from trl_tokenpref import checkpoints
+
+    weight = torch.zeros(5 * 2**20, dtype=torch.bfloat16)
+    weight[[3, 2**21 + 1, 2**21 + 2]] = torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.bfloat16)
+    summed = []
+    original_sum = torch.Tensor.sum
+
+    def recording_sum(tensor, *args, **kwargs):
+        summed.append(tensor.numel())
+        return original_sum(tensor, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "sum", recording_sum)
+        count = checkpoints._count_non_finite(weight.view(5, 2**20))
+    assert count == 3
+    # a float32 sum per block (the last one partial), then an exact count in the two blocks that hold NaN/inf
+    assert summed == [2**21, 2**21, 2**21, 2**21, 2**20]
+    # large finite float16 values: summed in float16 they would overflow to inf and be counted
+    assert checkpoints._count_non_finite(torch.full((7,), 6e4, dtype=torch.float16)) == 0
+
+
 def test_an_overflow_that_the_fp16_scaler_skipped_is_not_an_error(caplog):
     """fp16 mixed precision: an overflowing gradient is how the loss scaler (torch's or DeepSpeed's) learns to lower
     its scale; the step is skipped, the weights are untouched. A non-finite loss is still an error (a forward overflow
