@@ -92,11 +92,13 @@ def trl_accelerate_config(name: str) -> str:
 @pytest.fixture(scope="module")
 def sharded(inputs):
     """`sharded(stage)`: the worker's results on both ranks for `stage` ("zero3" or "zero2"), one launch per stage."""
-    results = {}
+    results, failures = {}, {}
 
     def run(stage: str) -> dict:
         if stage in results:
             return results[stage]
+        if stage in failures:  # one launch per stage: the tests that share it fail with its message
+            pytest.fail(failures[stage], pytrace=False)
         output_dir = inputs.root / stage
         output_dir.mkdir()
         accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
@@ -119,7 +121,11 @@ def sharded(inputs):
         )
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
         result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, f"the {stage} launch failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        if result.returncode != 0:
+            failures[stage] = f"the {stage} launch failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+            pytest.fail(failures[stage], pytrace=False)
+        if stage == "zero3":  # the user's command ran to its end on both ranks
+            assert all((output_dir / f"rank{rank}_script.done").exists() for rank in range(2))
         results[stage] = {
             "dir": output_dir,
             "ranks": [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in range(2)],
