@@ -359,9 +359,9 @@ def main() -> None:
         script_run(paths, output_dir)
         (output_dir / f"rank{rank()}_script.done").write_text("the script returned\n")
     # Every result is on disk. Leave without the interpreter's teardown: this process built a trainer and a DeepSpeed
-    # engine per case, and in some runs (2 fresh-clone CI runs so far, on either rank) a C++ thread one of them left
-    # joinable aborted the teardown (`terminate called without an active exception`, SIGABRT) after the last result
-    # was written, failing the launch for nothing the tests check. Not root-caused (closing note of issue 21).
+    # engine per case, and in a fresh-clone CI run a C++ thread left joinable aborted rank 1's teardown (`terminate
+    # called without an active exception`, SIGABRT) after the last result was written, failing the launch for nothing
+    # the tests check. Not root-caused (closing note of issue 21).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -108,7 +108,8 @@ def sharded(inputs):
         command += ["--policy", inputs.policy, "--reference", inputs.reference, "--guidance", inputs.guidance]
         command += ["--dataset", inputs.dataset, "--dataset_dir", inputs.dataset_dir, "--output_dir", str(output_dir)]
         command += ["--step_cases", *worker.CASES, "--train_cases", *TRAIN_CASES[stage]]
-        if stage == "zero3":
+        runs_script = stage == "zero3"  # the user's command, once
+        if runs_script:
             command.append("--script")
         env = dict(os.environ)
         env.update(
@@ -124,7 +125,7 @@ def sharded(inputs):
         if result.returncode != 0:
             failures[stage] = f"the {stage} launch failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
             pytest.fail(failures[stage], pytrace=False)
-        if stage == "zero3":  # the user's command ran to its end on both ranks
+        if runs_script:  # the user's command ran to its end on both ranks
             assert all((output_dir / f"rank{rank}_script.done").exists() for rank in range(2))
         results[stage] = {
             "dir": output_dir,
